@@ -1,0 +1,5 @@
+import sys
+
+from prunext.cli import main
+
+sys.exit(main())

@@ -1,0 +1,280 @@
+"""The native checkpoint format: a Hugging Face folder that stores each shared tensor once.
+
+::
+
+    DIR/config.json                    base config + "prunext_plan", model_type "prunext"
+    DIR/model.safetensors              or model-0000k-of-0000n.safetensors + model.safetensors.index.json
+    DIR/tokenizer*.json, ...           the tokenizer, when one is given
+    DIR/generation_config.json         when the model has one
+
+``transformers.save_pretrained`` refuses tensors shared outside its tied-key
+list, so the native writer dedupes by the plan itself
+(:func:`prunext.core.mapping.stored_keys`) and the loader re-ties after
+loading (:meth:`PrunextForCausalLM.tie_positions`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from prunext.core.mapping import hf_to_plan, stored_keys
+from prunext.core.model import DEFAULT_OUT_NORM_INIT, PrunextConfig, PrunextForCausalLM, register
+from prunext.core.modules import LoRALinear, OutputNorm
+from prunext.core.plan import Plan
+from prunext.errors import ModelError
+from prunext.fsutil import atomic_dir
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def stored_state_dict(model: PrunextForCausalLM) -> dict[str, torch.Tensor]:
+    """The tensors a native checkpoint holds: each shared tensor once."""
+    state = model.state_dict()
+    keys = stored_keys(model.plan, state.keys(), model.config.tie_word_embeddings)
+    return {k: state[k] for k in keys}
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = size.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * factor)
+    return int(s)
+
+
+def write_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> list[str]:
+    """Write ``state`` as one file, or as shards plus an HF index when larger than ``max_shard_size``.
+
+    Returns:
+        The file names written.
+    """
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor.detach().to("cpu").contiguous()
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SINGLE_FILE), metadata=metadata)
+        return [SINGLE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names + [INDEX_FILE]
+
+
+def save_native(
+    model: PrunextForCausalLM,
+    save_directory: str | os.PathLike,
+    tokenizer=None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = True,
+    is_main_process: bool = True,
+    **_hf_kwargs,
+) -> Path:
+    """Write ``model`` (and ``tokenizer``) as a native folder, atomically.
+
+    Args:
+        model: the model to save.
+        save_directory: target folder; written under a temporary name and renamed.
+        tokenizer: saved beside the weights when given.
+        max_shard_size: shard above this many bytes (int or "5GB").
+        overwrite: replace an existing non-empty folder (HF ``save_pretrained`` does).
+        is_main_process: only the main process writes (HF convention).
+
+    Returns:
+        The folder written.
+    """
+    path = Path(save_directory)
+    if not is_main_process:
+        return path
+    state = stored_state_dict(model)
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(tmp)
+        if model.generation_config is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        write_safetensors(state, tmp, max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    log.info("wrote native model to %s (%d tensors, shared ones once)", path, len(state))
+    return path
+
+
+def read_safetensors_keys(folder: Path) -> dict[str, str]:
+    """Map every stored tensor name to the file holding it (single file or sharded)."""
+    index = folder / INDEX_FILE
+    try:
+        if index.exists():
+            return dict(json.loads(index.read_text())["weight_map"])
+        single = folder / SINGLE_FILE
+        if not single.exists():
+            raise ModelError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}; it is not a complete model folder")
+        with safe_open(str(single), framework="pt") as f:
+            return dict.fromkeys(f.keys(), SINGLE_FILE)
+    except (SafetensorError, json.JSONDecodeError, KeyError, OSError) as e:
+        raise ModelError(f"the weights in {folder} are corrupt or truncated ({e}); re-create or re-copy the folder") from e
+
+
+def iter_safetensors(folder: Path, files: dict[str, str]):
+    """Yield ``(name, tensor)`` one tensor at a time, so memory stays near one model copy."""
+    by_file: dict[str, list[str]] = {}
+    for key, name in files.items():
+        by_file.setdefault(name, []).append(key)
+    for name, keys in by_file.items():
+        try:
+            with safe_open(str(folder / name), framework="pt") as f:
+                for key in keys:
+                    yield key, f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise ModelError(
+                f"the weights file {folder / name} is corrupt or truncated ({e}); re-create or re-copy the folder"
+            ) from e
+
+
+def _materialize_owned(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give adapters and output norms that are still on the meta device real, freshly initialised tensors."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and module.lora_A.device.type == "meta":
+            module.lora_A = nn.Parameter(torch.empty(module.lora_A.shape, device=device, dtype=dtype))
+            module.lora_B = nn.Parameter(torch.empty(module.lora_B.shape, device=device, dtype=dtype))
+            module.reset_lora()
+        elif isinstance(module, OutputNorm) and module.weight.device.type == "meta":
+            module.weight = nn.Parameter(torch.empty(module.weight.shape, device=device, dtype=dtype))
+            module.bias = nn.Parameter(torch.empty(module.bias.shape, device=device, dtype=dtype))
+            module.reset_scale()
+
+
+def assign_stored(model: PrunextForCausalLM, state: dict[str, torch.Tensor], *, owned_may_be_missing: bool) -> None:
+    """Load a native state dict strictly into a model built on the meta device, then re-tie.
+
+    Args:
+        model: built under ``init_empty_weights``.
+        state: stored tensors (see :func:`stored_state_dict`).
+        owned_may_be_missing: when True (building from a plain model), adapters
+            and output norms absent from ``state`` are created and initialised;
+            otherwise every stored key must be present.
+
+    Raises:
+        ModelError: when keys or shapes disagree with the plan.
+    """
+    expected = set(stored_keys(model.plan, model.state_dict().keys(), model.config.tie_word_embeddings))
+    missing = expected - state.keys()
+    if owned_may_be_missing:
+        from prunext.core.model import is_owned
+
+        missing = {k for k in missing if not is_owned(k)}
+    unexpected = state.keys() - expected
+    if missing or unexpected:
+        raise ModelError(
+            "the plan in config.json disagrees with the stored weights "
+            f"(missing {sorted(missing)[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {sorted(unexpected)[:3]}{'...' if len(unexpected) > 3 else ''}); "
+            "the folder was edited or is from another model"
+        )
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ModelError(f"the stored weights do not fit the plan's shapes ({first}); the folder is inconsistent") from e
+    some = next(iter(state.values()))
+    _materialize_owned(model, some.device, some.dtype)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_positions()
+
+
+def build_from_hf(hf_model: nn.Module, plan: Plan, out_norm_init: float = DEFAULT_OUT_NORM_INIT) -> PrunextForCausalLM:
+    """Build the plan's model from a plain HF causal LM of a supported family.
+
+    Base tensors are taken from ``hf_model`` without copying; adapters start
+    at LoRA's usual init (B = 0) and output norms at ``out_norm_init``: callers
+    that want another init (SVD, for pruning) set it afterwards.
+    """
+    config = PrunextConfig.from_base(hf_model.config, plan)
+    config.dtype = next(hf_model.parameters()).dtype
+    with init_empty_weights(include_buffers=False):
+        model = PrunextForCausalLM(config, out_norm_init=out_norm_init)
+    state = hf_to_plan(hf_model.state_dict(), plan)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # the same tensor as the embedding
+    assign_stored(model, state, owned_may_be_missing=True)
+    if getattr(hf_model, "generation_config", None) is not None:
+        model.generation_config = hf_model.generation_config
+    return model.eval()
+
+
+def _resolve_dtype(dtype, config: PrunextConfig) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        stored = getattr(config, "dtype", None) or "float32"
+        return stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored).replace("torch.", ""))
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+
+
+def load_native(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    config: PrunextConfig | None = None,
+    **hf_kwargs,
+) -> PrunextForCausalLM:
+    """Load a native folder (what ``AutoModelForCausalLM.from_pretrained`` calls for it).
+
+    Args:
+        path: the folder.
+        dtype: load in this dtype; default the dtype it was saved in.
+        device: where to put the weights.
+        config: use this config instead of the folder's.
+        **hf_kwargs: ``torch_dtype``/``device_map`` are honoured for HF compatibility, the rest ignored.
+
+    Raises:
+        ModelError: the folder is missing, incomplete, corrupt, or its plan disagrees with its weights.
+    """
+    register()
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder} is not a prunext model folder (no config.json)")
+    if config is None:
+        config = PrunextConfig.from_pretrained(folder)
+    dtype = _resolve_dtype(hf_kwargs.get("torch_dtype", dtype), config)
+    device_map = hf_kwargs.get("device_map")
+    if isinstance(device_map, str) and device_map != "auto":
+        device = device_map
+    files = read_safetensors_keys(folder)
+    state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in iter_safetensors(folder, files)}
+    with init_empty_weights(include_buffers=False):
+        model = PrunextForCausalLM(config)
+    assign_stored(model, state, owned_may_be_missing=False)
+    model.config.dtype = dtype
+    gen_cfg = folder / "generation_config.json"
+    if gen_cfg.exists():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.to(device).eval()
