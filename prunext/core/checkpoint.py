@@ -89,6 +89,18 @@ def write_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_si
     return names + [INDEX_FILE]
 
 
+def write_native(model: PrunextForCausalLM, folder: Path, tokenizer=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write the native files into an existing folder (no atomicity; see :func:`save_native`)."""
+    folder = Path(folder)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if model.generation_config is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    write_safetensors(stored_state_dict(model), folder, max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def save_native(
     model: PrunextForCausalLM,
     save_directory: str | os.PathLike,
@@ -114,16 +126,9 @@ def save_native(
     path = Path(save_directory)
     if not is_main_process:
         return path
-    state = stored_state_dict(model)
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(tmp)
-        if model.generation_config is not None and model.can_generate():
-            model.generation_config.save_pretrained(tmp)
-        write_safetensors(state, tmp, max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    log.info("wrote native model to %s (%d tensors, shared ones once)", path, len(state))
+        write_native(model, tmp, tokenizer, max_shard_size)
+    log.info("wrote native model to %s", path)
     return path
 
 

@@ -140,6 +140,13 @@ def resolve_model_path(spec: str) -> Path | str:
     return spec  # a hub id
 
 
+def require_tokenizer(tokenizer, spec: str):
+    """Return ``tokenizer``, or refuse a model that came without one."""
+    if tokenizer is None:
+        raise ModelError(f"model '{spec}' has no tokenizer; save one into its folder (tokenizer.save_pretrained)")
+    return tokenizer
+
+
 def load_model(
     spec: str,
     dtype: torch.dtype = torch.float32,
@@ -184,9 +191,16 @@ def load_model(
     return model.to(device), _load_tokenizer(where)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _load_tokenizer(where: Path | str):
+    """The folder's tokenizer, or None (with a warning) when the folder has none."""
     from transformers import AutoTokenizer
 
+    if isinstance(where, Path) and not any((where / name).exists() for name in TOKENIZER_FILES):
+        log.warning("%s has no tokenizer files; commands that read text will refuse it", where)
+        return None
     try:
         return AutoTokenizer.from_pretrained(str(where))
     except (OSError, ValueError) as e:
