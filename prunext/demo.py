@@ -46,7 +46,7 @@ def run(args) -> int:
 
     log = logging.getLogger(__name__)
     check_out_dir(args.out, args.overwrite)
-    max_tokens = 8 * args.seq_len if args.fast else 64 * args.seq_len
+    max_tokens = 4 * args.seq_len if args.fast else 16 * args.seq_len
     started = time.time()
 
     log.info("step 1/4: resolving %s and %s", MODEL, EVAL_DATA)
