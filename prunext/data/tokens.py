@@ -1,0 +1,122 @@
+"""Turn documents into one token stream and cut it into training windows."""
+
+import itertools
+from collections.abc import Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from prunext.errors import DataError, UserError
+
+BATCH_DOCS = 256
+# Below this many tokens a stream takes seconds; a progress bar would be noise.
+PROGRESS_MIN_TOKENS = 1_000_000
+
+
+def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Yield lists of up to ``size`` non-blank texts, in order."""
+    non_blank = (text for text in texts if text and not text.isspace())
+    while batch := list(itertools.islice(non_blank, size)):
+        yield batch
+
+
+def _with_eos(ids: list[int], eos_id: int | None) -> list[int]:
+    """Return a document's ids followed by the end-of-sequence id, if there is one."""
+    return ids + [eos_id] if eos_id is not None else ids
+
+
+def token_stream(
+    texts: Iterable[str],
+    tokenizer,
+    max_tokens: int | None = None,
+    add_eos: bool = True,
+    progress: bool | None = None,
+) -> torch.LongTensor:
+    """Tokenize documents one by one and concatenate them into one stream.
+
+    Each document is tokenized with the tokenizer's defaults, so it starts with
+    BOS exactly when the tokenizer adds one. Blank documents are skipped: they
+    would add only special tokens.
+
+    Args:
+        texts (Iterable[str]): The documents, read lazily and in order.
+        tokenizer: A Hugging Face tokenizer (``tokenizer(list_of_texts)["input_ids"]``).
+        max_tokens (int | None): Stop once the stream has this many tokens, and
+            cut it to exactly this length; None reads every document.
+        add_eos (bool): Append the tokenizer's EOS id after each document, when
+            the tokenizer has one.
+        progress (bool | None): Show a progress bar in tokens; None shows one
+            only when ``max_tokens`` is unset or at least ``PROGRESS_MIN_TOKENS``.
+
+    Returns:
+        torch.LongTensor: The 1-D stream (empty when there is no text).
+    """
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"max_tokens is {max_tokens}; give a positive number of tokens.")
+    eos_id = tokenizer.eos_token_id if add_eos else None
+    if progress is None:
+        progress = max_tokens is None or max_tokens >= PROGRESS_MIN_TOKENS
+    chunks: list[torch.Tensor] = []
+    count = 0
+    with tqdm(total=max_tokens, unit="tok", unit_scale=True, disable=not progress) as bar:
+        for batch in _batches(texts, BATCH_DOCS):
+            # verbose=False: long documents are expected here and are windowed
+            # later, so the "longer than the model's maximum length" warning is noise.
+            encoded = tokenizer(batch, verbose=False)["input_ids"]
+            ids = list(itertools.chain.from_iterable(_with_eos(doc, eos_id) for doc in encoded))
+            if max_tokens is not None:
+                ids = ids[: max_tokens - count]
+            chunks.append(torch.tensor(ids, dtype=torch.long))
+            count += len(ids)
+            bar.update(len(ids))
+            if max_tokens is not None and count >= max_tokens:
+                break
+    return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.long)
+
+
+def windows(tokens: torch.LongTensor, seq_len: int) -> torch.LongTensor:
+    """Cut a token stream into non-overlapping windows, dropping the remainder.
+
+    Args:
+        tokens (torch.LongTensor): A 1-D stream.
+        seq_len (int): The window length.
+
+    Returns:
+        torch.LongTensor: Shape ``(len(tokens) // seq_len, seq_len)``, a view of ``tokens``.
+
+    Raises:
+        UserError: If ``seq_len`` is not positive.
+        DataError: If the stream is shorter than one window.
+    """
+    if seq_len < 1:
+        raise UserError(f"--seq-len is {seq_len}; give a positive window length.")
+    if tokens.dim() != 1:
+        raise ValueError(f"expected a 1-D token stream, got shape {tuple(tokens.shape)}")
+    n_windows = tokens.numel() // seq_len
+    if n_windows == 0:
+        raise DataError(
+            f"the data has {tokens.numel()} tokens, fewer than one window of {seq_len}; "
+            "use more data or a smaller --seq-len."
+        )
+    return tokens[: n_windows * seq_len].view(n_windows, seq_len)
+
+
+def check_vocab(tokens: torch.Tensor, vocab_size: int) -> None:
+    """Check that every token id fits the model's embedding table.
+
+    Args:
+        tokens (torch.Tensor): Token ids of any shape.
+        vocab_size (int): The model's vocabulary size.
+
+    Raises:
+        DataError: If an id is negative or not below ``vocab_size``.
+    """
+    if tokens.numel() == 0:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
+        raise DataError(
+            f"token id {bad} is outside the model's vocabulary of {vocab_size}; "
+            "the tokenizer does not match the model, so use the model's own tokenizer."
+        )
