@@ -128,7 +128,7 @@ def save_native(
         return path
     with atomic_dir(path, overwrite=overwrite) as tmp:
         write_native(model, tmp, tokenizer, max_shard_size)
-    log.info("wrote native model to %s", path)
+    log.debug("wrote native model to %s", path)
     return path
 
 

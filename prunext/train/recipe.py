@@ -1,17 +1,488 @@
-"""``prunext train``: ZeRO-3 continued pretraining (not implemented yet)."""
+"""``prunext train``: heal a pruned model or grow an extended one by continued pretraining on DeepSpeed ZeRO-3.
 
-HELP = "heal or grow a model with DeepSpeed ZeRO-3 continued pretraining (coming soon)"
-EPILOG = """\
-Not implemented yet in this release. It will run as:
-  torchrun --nproc_per_node 8 -m prunext train --model pruned/ --data builtin:wiki --tokens 50M --out run/
+Setup (check every flag and the DeepSpeed config, start the process group,
+load the model, freeze what does not train, tokenize the budget once per
+node), run (the step loop: metrics, evaluation, checkpoints that are complete
+whenever ``latest`` names them), save (gather the ZeRO-3 partitions and write
+``OUT/final/`` as a native folder, shared tensors once).
+
+The same code runs under ``torchrun``, the ``deepspeed`` launcher (one or
+many nodes) and plain ``python`` (one process); see docs/training.md.
 """
 
+from __future__ import annotations
 
-def add_arguments(parser) -> None:
-    parser.add_argument("rest", nargs="*", help="not implemented yet")
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from prunext.errors import UserError
+
+log = logging.getLogger(__name__)
+
+HELP = "heal or grow a model with DeepSpeed ZeRO-3 continued pretraining (FlexiGPT Sec. 3.4)"
+EPILOG = """\
+examples:
+  prunext train --model pruned/ --data builtin:wiki --tokens 2M --seq-len 512 --micro-batch 8 --out run/
+  torchrun --nproc_per_node 8 -m prunext train --model pruned/ --data corpus.jsonl --tokens 1B \\
+      --deepspeed ds_configs/zero3.json --lr 4e-3 --out run/
+  deepspeed --hostfile hostfile launch/train.py --model extended/ --data my/hub-set --token-fraction 0.003 \\
+      --trainable all --lr 1e-4 --out /shared/run/        (then the same command with --resume)
+
+budget: --tokens N (50000, 50M, 1B) or --token-fraction F of the base model's pretraining tokens
+  (known for builtin:smollm2-135m and models pruned/extended from it; else give --pretrain-tokens).
+  steps = floor(tokens / (seq-len x micro-batch x grad-accum x ranks)); whole steps only. Data is
+  packed into --seq-len blocks (EOS between documents, no padding, labels = inputs), shuffled by
+  --seed, repeated with a new shuffle per epoch when the budget needs more blocks than the data has.
+
+trainable: replacement (default; adapters + output norms, what prune/extend added), adapters,
+  all (everything; a shared block's gradient is the sum over the positions that run it).
+
+outputs: OUT/metrics.jsonl (one line per step), OUT/checkpoints/stepN (DeepSpeed; `latest` names
+  the newest complete one), OUT/final/ (native model + tokenizer), OUT/run_config.json,
+  OUT/train_summary.json.
+"""
+
+DEFAULT_LR = {"replacement": 4e-3, "adapters": 4e-3, "all": 1e-4}  # 4e-3: FlexiGPT Sec. 4.1
+ADAM_BETAS = (0.9, 0.95)
+ADAM_EPS = 1e-8
+#: Settings a resumed run must share with the run it continues (the data order and schedule depend on them).
+RESUME_KEYS = (
+    "model", "data", "seq_len", "micro_batch", "grad_accum", "world_size", "seed", "tokens",
+    "trainable", "lr", "schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
+)
 
 
-def run(args) -> int:
-    from prunext.errors import UserError
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from prunext.train.schedule import SCHEDULES
+    from prunext.train.trainable import TRAINABLE
 
-    raise UserError("`prunext train` is not implemented yet in this release; see the README for what works today")
+    what = parser.add_argument_group("model and data")
+    what.add_argument("--model", required=True, help="model to train: a native folder (prune/extend output), builtin:smollm2-135m, HF folder, .gguf")
+    what.add_argument("--data", required=True, help="training text: builtin:wiki, a .txt/.jsonl/.parquet file or folder, a hub data set (streamed)")
+    what.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, final/")
+    what.add_argument("--trainable", choices=TRAINABLE, default="replacement", help="what trains (default replacement; see below)")
+    budget = parser.add_argument_group("budget and batch")
+    size = budget.add_mutually_exclusive_group(required=True)
+    size.add_argument("--tokens", help="token budget, e.g. 50M or 1B")
+    size.add_argument("--token-fraction", type=float, metavar="F", help="budget as a fraction of the base model's pretraining tokens, e.g. 0.003")
+    budget.add_argument("--pretrain-tokens", help="the base model's pretraining tokens, for --token-fraction (e.g. 2T)")
+    budget.add_argument("--seq-len", type=int, default=1024, help="tokens per block (default 1024)")
+    budget.add_argument("--micro-batch", type=int, default=None, help="blocks per rank per forward (default: the config's, else 1)")
+    budget.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default: the config's, else 1)")
+    opt = parser.add_argument_group("optimizer and schedule (AdamW, betas 0.9/0.95)")
+    opt.add_argument("--lr", type=float, default=None, help="peak learning rate (default 4e-3 for replacement/adapters as in FlexiGPT, 1e-4 for all)")
+    opt.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="decay after warmup (default cosine)")
+    opt.add_argument("--warmup", type=float, default=0.05, help="warmup steps, or a fraction of the steps when < 1 (default 0.05)")
+    opt.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr for cosine/linear (default 0.1)")
+    opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    opt.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping, 0 = off (default: the config's, else 1.0)")
+    opt.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (non-reentrant) to save memory")
+    run = parser.add_argument_group("run")
+    run.add_argument("--deepspeed", metavar="CONFIG", help="DeepSpeed config (default: ds_configs/zero3.json settings on GPU, zero3_cpu.json on CPU)")
+    run.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps, and at the end (default 500)")
+    run.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest K checkpoints (default 0 = all)")
+    run.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (default 0 = off)")
+    run.add_argument("--eval-data", default="builtin:wiki:test", help="held-out text for --eval-every (default builtin:wiki:test)")
+    run.add_argument("--eval-windows", type=int, default=16, help="fixed held-out windows of --seq-len (default 16)")
+    run.add_argument("--log-every", type=int, default=10, help="a log line every N steps (default 10)")
+    run.add_argument("--seed", type=int, default=0, help="data order and adapter init seed (default 0)")
+    run.add_argument("--report-to", choices=("none", "wandb"), default="none", help="also log to wandb (offline without WANDB_API_KEY)")
+    run.add_argument("--wandb-project", default="prunext", help="wandb project (default prunext)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its newest complete checkpoint")
+    run.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="stop after this step with a checkpoint (the schedule stays the full budget's); continue with --resume")
+    run.add_argument("--dist-timeout", type=float, default=1800, help="seconds a collective waits for a dead or stuck rank before failing (default 1800)")
+    run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+# ------------------------------------------------------------ checking
+def _builtin_base(spec: str, hops: int = 5) -> str | None:
+    """The built-in model a spec is or was pruned/extended from (via prune/extend reports), or None."""
+    from prunext.core.loading import BUILTIN_MODELS, BUILTIN_PREFIX
+
+    for _ in range(hops):
+        if spec.startswith(BUILTIN_PREFIX):
+            name = spec[len(BUILTIN_PREFIX) :]
+            return name if name in BUILTIN_MODELS else None
+        folder = Path(spec).expanduser()
+        reports = [folder / name for name in ("prune_report.json", "extend_report.json") if (folder / name).is_file()]
+        if not reports:
+            return None
+        try:
+            spec = str(json.loads(reports[0].read_text())["model"])
+        except (OSError, json.JSONDecodeError, KeyError):
+            return None
+    return None
+
+
+def resolve_tokens(args: argparse.Namespace) -> int:
+    """The requested token budget from --tokens or --token-fraction."""
+    from prunext.core.loading import BUILTIN_MODELS
+    from prunext.train.data import parse_tokens
+
+    if args.tokens is not None:
+        return parse_tokens(args.tokens)
+    if not (0 < args.token_fraction <= 1):
+        raise UserError(f"--token-fraction {args.token_fraction} must be in (0, 1], e.g. 0.003")
+    if args.pretrain_tokens is not None:
+        pretrain = parse_tokens(args.pretrain_tokens)
+    else:
+        base = _builtin_base(args.model)
+        if base is None:
+            raise UserError(
+                f"--token-fraction needs the base model's pretraining tokens, unknown for '{args.model}'; "
+                "give --pretrain-tokens (e.g. 2T) or --tokens"
+            )
+        pretrain = BUILTIN_MODELS[base].pretrain_tokens
+    return max(1, int(args.token_fraction * pretrain))
+
+
+def check_args(args: argparse.Namespace, world: int) -> dict:
+    """Every check that needs no model and no process group. Returns the resolved settings.
+
+    Raises:
+        UserError: the first problem found, in one sentence.
+    """
+    from prunext.core.loading import resolve_model_path
+    from prunext.fsutil import check_out_dir
+    from prunext.train import checkpoints, dsconfig
+    from prunext.train.dist import on_gpu
+    from prunext.train.trainable import check_plan, folder_plan
+
+    for flag, low in (("seq_len", 2), ("micro_batch", 1), ("grad_accum", 1), ("eval_windows", 1), ("log_every", 1)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise UserError(f"--{flag.replace('_', '-')} {value} must be at least {low}")
+    for flag in ("save_every", "eval_every", "keep_checkpoints"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 0 (0 = off)")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr {args.lr} must be a positive number")
+    for flag, value in (("warmup", args.warmup), ("weight-decay", args.weight_decay), ("max-grad-norm", args.max_grad_norm)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{flag} {value} must be a number >= 0")
+    if not (0 <= args.min_lr_ratio <= 1):
+        raise UserError(f"--min-lr-ratio {args.min_lr_ratio} must be in [0, 1]")
+    if args.dist_timeout <= 0:
+        raise UserError(f"--dist-timeout {args.dist_timeout} must be positive (seconds)")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise UserError(f"--stop-at {args.stop_at} must be a step >= 1")
+    if args.pretrain_tokens is not None and args.tokens is not None:
+        raise UserError("--pretrain-tokens goes with --token-fraction; with --tokens it means nothing")
+
+    gpu = on_gpu()
+    if args.deepspeed:
+        raw, source = dsconfig.load_config(args.deepspeed), f"--deepspeed {args.deepspeed}"
+    else:
+        raw, source = dsconfig.default_config(gpu), "the default DeepSpeed config"
+    ds_config = dsconfig.resolve_config(raw, args.micro_batch, args.grad_accum, args.max_grad_norm, world, source)
+
+    out = Path(args.out)
+    ckpt_dir = out / "checkpoints"
+    resume_state = None
+    if args.resume:
+        if args.overwrite:
+            raise UserError("--resume continues the run in --out and --overwrite would delete it; give one of them")
+        resume_state = checkpoints.latest_state(ckpt_dir)
+        if resume_state is None:
+            raise UserError(f"--resume found no complete checkpoint in {ckpt_dir}; run without --resume to start")
+    else:
+        check_out_dir(out, args.overwrite)
+
+    where = resolve_model_path(args.model)
+    check_plan(folder_plan(where) if isinstance(where, Path) and where.is_dir() else None, args.trainable)
+    tokens = resolve_tokens(args)
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.trainable]
+    return {
+        "model": args.model,
+        "data": args.data,
+        "out": str(out),
+        "trainable": args.trainable,
+        "tokens": tokens,
+        "seq_len": args.seq_len,
+        "micro_batch": ds_config["train_micro_batch_size_per_gpu"],
+        "grad_accum": ds_config["gradient_accumulation_steps"],
+        "world_size": world,
+        "lr": lr,
+        "schedule": args.schedule,
+        "min_lr_ratio": args.min_lr_ratio,
+        "weight_decay": args.weight_decay,
+        "max_grad_norm": ds_config["gradient_clipping"],
+        "seed": args.seed,
+        "deepspeed_config": source,
+        "dtype": dsconfig.config_dtype(ds_config),
+        "zero_stage": dsconfig.zero_stage(ds_config),
+        "_ds_config": ds_config,
+        "_resume": resume_state,
+    }
+
+
+def check_resume(state: dict, settings: dict) -> None:
+    """Refuse to resume with settings that would change the data order or the schedule."""
+    saved = state.get("settings", {})
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != settings[key]:
+            raise UserError(
+                f"--resume with {key} = {settings[key]!r}, but the run in --out used {saved[key]!r}; "
+                "resume with the same settings or start a new --out"
+            )
+
+
+def format_table(rows: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+# ------------------------------------------------------------ pieces of the run
+def make_optimizer(params: list, settings: dict, ds_config: dict):
+    """AdamW over the trainable tensors: DeepSpeed's CPU Adam when optimizer states are offloaded, else torch's."""
+    import torch
+
+    from prunext.train.dsconfig import offloads_optimizer
+
+    kwargs = {"lr": settings["lr"], "betas": ADAM_BETAS, "eps": ADAM_EPS, "weight_decay": settings["weight_decay"]}
+    if offloads_optimizer(ds_config):
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+        except Exception as e:  # the op needs a C++ toolchain to JIT-build
+            log.warning("DeepSpeedCPUAdam is unavailable (%s); using torch AdamW on the offloaded states (slower)", str(e).splitlines()[0])
+            ds_config["zero_force_ds_cpu_optimizer"] = False
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def prepare_tokens(dataset, tokenizer, settings: dict, budget, out: Path, local_rank: int, wait_group):
+    """Tokenize the budget once per node (node-local rank 0) into OUT/data; every rank memory-maps it."""
+    import numpy as np
+
+    from prunext.train.data import cache_name, tokenize_to_file
+    from prunext.train.dist import all_ok
+
+    path = out / "data" / cache_name(settings["data"], tokenizer, budget.tokens)
+    error = None
+    if local_rank == 0 and not path.exists():
+        try:
+            start = time.perf_counter()
+            count = tokenize_to_file(dataset, tokenizer, budget.tokens, path, settings["vocab_size"])
+            log.info("tokenized %s tokens of %s in %.1f s into %s", f"{count:,}", settings["data"], time.perf_counter() - start, path)
+        except UserError as e:
+            error = e
+    all_ok(error, group=wait_group)
+    return np.load(path, mmap_mode="r")
+
+
+def save_final(engine, tokenizer, folder: Path, rank: int) -> None:
+    """Gather every ZeRO-3 partition and write the native folder on rank 0 (shared tensors once)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from prunext.core.checkpoint import save_native
+
+    model = engine.module
+    model.config.use_cache = True
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        if rank == 0:
+            save_native(model, folder, tokenizer=tokenizer, overwrite=True)
+    dist.barrier()
+
+
+# ------------------------------------------------------------ the recipe
+def run(args: argparse.Namespace) -> int:
+    from prunext.train.dist import launcher_world
+
+    _, _, world = launcher_world()
+    settings = check_args(args, world)  # before any process group, model or data
+
+    from prunext.train import dist as pdist
+
+    rank, local_rank, world = pdist.init(args.dist_timeout, debug=getattr(args, "debug", False))
+    if rank != 0:
+        logging.getLogger("prunext").setLevel(logging.WARNING)
+    try:
+        return train(args, settings, rank, local_rank, world)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, world: int) -> int:
+    import shutil
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    from prunext.core.loading import load_model, require_tokenizer
+    from prunext.data import load_text_dataset
+    from prunext.fsutil import write_json_atomic
+    from prunext.train import checkpoints
+    from prunext.train.data import BlockOrder, eval_windows, make_budget
+    from prunext.train.dist import long_wait_group, on_gpu
+    from prunext.train.loop import NonFiniteLoss, evaluate, train_step
+    from prunext.train.metrics import MetricsLog, Wandb, mfu, peak_flops
+    from prunext.train.schedule import make_scheduler, warmup_steps
+    from prunext.train.trainable import executed_params, freeze
+
+    out = Path(args.out)
+    ckpt_dir = out / "checkpoints"
+    ds_config = settings.pop("_ds_config")
+    resume = settings.pop("_resume")
+
+    # ---- setup: data set, model, budget
+    dataset = load_text_dataset(args.data, streaming=not args.data.startswith("builtin:"))
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, settings["dtype"]))
+    tokenizer = require_tokenizer(tokenizer, args.model)
+    settings["vocab_size"] = model.config.vocab_size
+    trainable, total = freeze(model, args.trainable)
+    n_exec = executed_params(model)
+    model.config.use_cache = False
+    if args.grad_checkpointing:
+        # Reentrant checkpointing fires a shared parameter's gradient hook twice (DeepSpeed #2103).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    budget = make_budget(settings["tokens"], args.seq_len, settings["micro_batch"], settings["grad_accum"], world)
+    settings["warmup_steps"] = warmup_steps(args.warmup, budget.steps)
+    if resume is not None:
+        check_resume(resume, settings)
+    stop = budget.steps if args.stop_at is None else min(args.stop_at, budget.steps)
+
+    if rank == 0 and args.overwrite and out.exists():
+        for child in out.iterdir():  # everything checked and loaded: now replace the old run
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    dist.barrier()
+    out.mkdir(parents=True, exist_ok=True)
+
+    wait_group = long_wait_group(max(args.dist_timeout, 6 * 3600))
+    tokens = prepare_tokens(dataset, tokenizer, settings, budget, out, local_rank, wait_group)
+    order = BlockOrder(tokens, args.seq_len, budget, args.seed)
+    held_out = None
+    if args.eval_every:
+        held_out = eval_windows(args.eval_data, tokenizer, args.seq_len, args.eval_windows, model.config.vocab_size)
+
+    # ---- setup: DeepSpeed (the graph, sharing and freezing are final before this)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, settings, ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: make_scheduler(opt, budget.steps, settings["warmup_steps"], args.schedule, args.min_lr_ratio),
+        config=ds_config,
+    )
+    start_step = 0
+    if resume is not None:
+        engine.load_checkpoint(str(ckpt_dir), tag=resume["tag"])
+        start_step = int(resume["step"])
+        if rank == 0:
+            dropped = checkpoints.drop_newer(ckpt_dir, start_step)
+            log.info("resuming from %s (step %d)%s", ckpt_dir / resume["tag"], start_step,
+                     f"; removed unfinished later checkpoints {dropped}" if dropped else "")
+        dist.barrier()
+
+    gpu = on_gpu()
+    peak = peak_flops(torch.cuda.get_device_name() if gpu else "cpu", settings["dtype"])
+    settings.update(
+        steps=budget.steps,
+        tokens_per_step=budget.tokens_per_step,
+        tokens_used=budget.tokens,
+        global_batch=budget.global_batch,
+        data_blocks=order.n_blocks,
+        epochs=order.epochs,
+        trainable_params=trainable,
+        total_params=total,
+        executed_params=n_exec,
+        grad_checkpointing=args.grad_checkpointing,
+    )
+    if rank == 0:
+        rows = [(k, v) for k, v in settings.items()]
+        print("prunext train settings:\n" + format_table(rows), flush=True)
+        print(
+            f"budget: {budget.steps:,} steps x {budget.tokens_per_step:,} tokens/step = {budget.tokens:,} tokens "
+            f"(requested {budget.requested:,}); data: {order.n_blocks:,} blocks of {args.seq_len}, "
+            f"{order.epochs} epoch(s){' reshuffled each' if order.epochs > 1 else ''}; "
+            f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)",
+            flush=True,
+        )
+        log.info("DeepSpeed config: %s", json.dumps(ds_config, sort_keys=True))
+        write_json_atomic(out / "run_config.json", {"settings": settings, "deepspeed": ds_config, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}})
+
+    # ---- run
+    metrics = MetricsLog(out / "metrics.jsonl", active=rank == 0, resume_step=start_step if resume else None)
+    wandb = Wandb(rank == 0 and args.report_to == "wandb", out, settings, args.wandb_project, resume is not None)
+    bar = tqdm(total=budget.steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    started = time.perf_counter()
+    last_saved = start_step if resume is not None else None
+    state = {"settings": settings}
+    step = start_step
+    record = {}
+    try:
+        while step < stop:
+            t0 = time.perf_counter()
+            lr = engine.get_lr()[0]
+            loss = train_step(engine, order, step, rank, world)
+            step += 1
+            seconds = time.perf_counter() - t0
+            tok_s = budget.tokens_per_step / seconds
+            grad_norm = engine.get_global_grad_norm()
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "tokens": step * budget.tokens_per_step,
+                "tokens_per_s": tok_s,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "epoch": step * budget.global_batch / order.n_blocks,
+                "elapsed_s": time.perf_counter() - started,
+                "mfu": mfu(n_exec, tok_s, peak),
+            }
+            if held_out is not None and (step % args.eval_every == 0 or step == budget.steps):
+                record["eval_loss"] = evaluate(engine, held_out, settings["micro_batch"], rank, world)
+                record["eval_ppl"] = math.exp(min(record["eval_loss"], 50))
+            metrics.write(record)
+            wandb.log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            if rank == 0 and (step % args.log_every == 0 or step == stop):
+                extra = f" eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+                extra += f" mfu {record['mfu']:.1%}" if record["mfu"] is not None else ""
+                log.info("step %d/%d loss %.4f lr %.3e tokens/s %s%s", step, budget.steps, loss, lr, f"{tok_s:,.0f}", extra)
+            if (args.save_every and step % args.save_every == 0) or step == stop:
+                state.update(step=step, tokens=step * budget.tokens_per_step)
+                checkpoints.save(engine, ckpt_dir, step, state, rank, args.keep_checkpoints)
+                last_saved = step
+    except NonFiniteLoss as e:
+        good = f"{ckpt_dir / checkpoints.tag_of(last_saved)}" if last_saved else "none (no checkpoint was saved yet)"
+        raise NonFiniteLoss(f"{e}; stopped before applying it. Last good checkpoint: {good}; lower --lr and --resume, or restart") from None
+    finally:
+        bar.close()
+        wandb.finish()
+
+    if step < budget.steps:
+        if rank == 0:
+            print(f"stopped at step {step} of {budget.steps} (--stop-at); continue with --resume (and a later or no --stop-at)", flush=True)
+        return 0
+
+    # ---- save
+    save_final(engine, tokenizer, out / "final", rank)
+    if rank == 0:
+        summary = {
+            "steps": budget.steps,
+            "tokens": budget.tokens,
+            "final_loss": record.get("loss"),
+            "final_eval_loss": record.get("eval_loss"),
+            "seconds": time.perf_counter() - started,
+            "settings": settings,
+        }
+        write_json_atomic(out / "train_summary.json", summary)
+        print(f"trained {budget.steps} steps ({budget.tokens:,} tokens); wrote {out / 'final'}", flush=True)
+    return 0
