@@ -1,0 +1,246 @@
+"""Turn importance scores and weights into a plan and an initialised model, for each method.
+
+DESIGN.md, "The prune path" and "Baselines carried as methods". Positions
+keep depth order; ``Bj'`` runs block j's stored weights plus its own parts::
+
+    original      B0  B1  B2  B3  B4  B5      (BI lowest: B3, B5)
+    flexigpt      B0  B1  B2  B1' B4  B2'     each pruned block replaced IN PLACE by the
+                                              closest kept block (replace.distance_matrix)
+                                              + LoRA r_a on 7 linears (SVD init) + out-norms
+    shortgpt      B0  B1  B2      B4          lowest-BI blocks dropped
+    shortgpt-lora B0' B1' B2'     B4'         dropped, LoRA (B = 0) on every kept block at
+                                              the rank that spends flexigpt's budget
+    angular       B0          B3  B4  B5      the n-block window (here 1..2) whose input and
+                                              output are closest in angle, dropped (Gromov et al.)
+    streamline    B0  N1          B4  B5      the window (here 1..3) with the highest input/output
+                                              cosine -> ONE new block N1, initialised from the
+                                              window's first block, trained (LLM-Streamline)
+
+In plan terms streamline's new block is the window's first block (its
+weights are used nowhere else, so they are the new block's own); it differs
+from dropping the rest of the window in what training updates, which the
+report names (``trainable_positions``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunext.core.plan import LINEAR_NAMES, LINEAR_PATHS, Plan, Position
+from prunext.errors import UserError
+from prunext.prune.ratio import Budget
+from prunext.prune.replace import choose_sources, distance_matrix, svd_adapter
+
+#: Importance metric each method ranks blocks by (the window length comes from the budget).
+METRIC_OF = {
+    "flexigpt": "bi",
+    "shortgpt": "bi",
+    "shortgpt-lora": "bi",
+    "angular": "angular",
+    "streamline": "streamline",
+}
+
+
+@dataclass
+class Pruning:
+    """What a method decided: which blocks go, what runs in their place, the resulting plan.
+
+    Attributes:
+        method: the method.
+        num_blocks: L of the source model.
+        pruned: blocks whose weights the pruned model no longer stores, ascending.
+        kept: the other blocks, ascending.
+        plan: positions of the pruned model over the source's block numbering.
+        sources: flexigpt: ``{pruned block i: kept block j}`` that runs at i's position.
+        window: angular/streamline: ``(first, last)`` block of the removed window, inclusive.
+        distances: flexigpt: ``d(i, j)``, (len(pruned), len(kept)) float64, rows ``pruned``, columns ``kept``.
+        trainable_positions: positions whose parameters are new and meant to be trained
+            (flexigpt: adapters + norms of the replacements; shortgpt-lora: adapters;
+            streamline: the new block); empty for shortgpt and angular.
+    """
+
+    method: str
+    num_blocks: int
+    pruned: list[int]
+    kept: list[int]
+    plan: Plan
+    sources: dict[int, int] = field(default_factory=dict)
+    window: tuple[int, int] | None = None
+    distances: torch.Tensor | None = None
+    trainable_positions: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "num_blocks": self.num_blocks,
+            "pruned": self.pruned,
+            "kept": self.kept,
+            "sources": {str(i): j for i, j in self.sources.items()},
+            "window": list(self.window) if self.window is not None else None,
+            "trainable_positions": self.trainable_positions,
+            "plan": self.plan.to_dict(),
+        }
+
+
+def metric_for(budget: Budget) -> tuple[str, int]:
+    """``(metric, window)`` to score with: BI per block, or windows of the budget's n blocks."""
+    metric = METRIC_OF[budget.method]
+    return metric, (1 if metric == "bi" else budget.count)
+
+
+def block_weights(model: nn.Module, blocks) -> dict[int, dict[str, torch.Tensor]]:
+    """``{block: {linear name: weight (out, in)}}`` of a plain HF or identity-plan model (no copies)."""
+    out = {}
+    for b in blocks:
+        layer = model.model.layers[b]
+        out[b] = {}
+        for name in LINEAR_NAMES:
+            parent, leaf = LINEAR_PATHS[name].split(".")
+            out[b][name] = getattr(getattr(layer, parent), leaf).weight.detach()
+    return out
+
+
+def decide(
+    scores,
+    budget: Budget,
+    weights: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+    filter_rank: int | None = None,
+    out_norm: bool = True,
+) -> Pruning:
+    """Choose the blocks to prune from ``scores`` and lay out the pruned model's plan.
+
+    Args:
+        scores: :class:`~prunext.prune.importance.BlockScores` of the metric and window
+            :func:`metric_for` names for this budget.
+        budget: from :func:`prunext.prune.ratio.plan_budget`; its adapter rank is
+            flexigpt's r_a (in the distance and the plan) and shortgpt-lora's rank.
+        weights: flexigpt only: :func:`block_weights` of every block.
+        filter_rank: flexigpt: k of the low-rank filtering; None = no filtering.
+        out_norm: flexigpt: replacement positions carry output norms.
+
+    Returns:
+        The decision; for flexigpt with the distance matrix.
+    """
+    method, L = budget.method, scores.num_blocks
+    metric, window = metric_for(budget)
+    if (scores.metric, scores.window) != (metric, window):
+        raise ValueError(f"{method} needs {metric} scores with window {window}, got {scores.metric} with {scores.window}")
+    chosen = scores.least_important(budget.count)  # ascending
+    span = (chosen[0], chosen[-1]) if metric != "bi" else None
+    pruned = chosen[1:] if method == "streamline" else chosen
+    kept = sorted(set(range(L)) - set(pruned))
+
+    if method == "flexigpt":
+        if weights is None:
+            raise ValueError("flexigpt needs the block weights to choose the shared blocks")
+        distances = distance_matrix(weights, pruned, kept, budget.adapter_rank, filter_rank).cpu()
+        sources = choose_sources(distances, pruned, kept)
+        # each pruned position runs its source's weights plus its own adapters and norms
+        positions = tuple(
+            Position(sources[b], lora_rank=budget.adapter_rank, lora_targets=LINEAR_NAMES, out_norm=out_norm)
+            if b in sources
+            else Position(b)
+            for b in range(L)
+        )
+        return Pruning(
+            method, L, pruned, kept, Plan(positions, L), sources=sources, distances=distances,
+            trainable_positions=list(pruned),
+        )
+    if method == "shortgpt-lora":
+        positions = tuple(Position(b, lora_rank=budget.adapter_rank, lora_targets=LINEAR_NAMES) for b in kept)
+        return Pruning(method, L, pruned, kept, Plan(positions, L), trainable_positions=list(range(len(kept))))
+    plan = Plan(tuple(Position(b) for b in kept), L)
+    trainable = [kept.index(span[0])] if method == "streamline" else []
+    return Pruning(method, L, pruned, kept, plan, window=span, trainable_positions=trainable)
+
+
+def check_source(model: nn.Module) -> None:
+    """Refuse a native model that is already pruned or extended (its plan is not the identity).
+
+    Raises:
+        UserError: with what to do instead.
+    """
+    plan = getattr(model, "plan", None)
+    if plan is not None and not plan.is_identity:
+        raise UserError(
+            "the model is already pruned or extended (its plan is not the identity); "
+            "prune/extend a plain or identity-plan model"
+        )
+
+
+def hf_view(model: nn.Module) -> nn.Module:
+    """A plain HF model of the base family sharing ``model``'s tensors (no copies).
+
+    ``build_from_hf`` builds from a plain HF model; a
+    :class:`~prunext.core.model.PrunextForCausalLM` with the identity plan has
+    the same state-dict keys, so its tensors are assigned into the family's own
+    class built on the meta device. A plain HF model is returned as is.
+
+    Raises:
+        UserError: a native model whose plan is not the identity (already pruned or extended).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from prunext.core.model import PrunextForCausalLM
+
+    if not isinstance(model, PrunextForCausalLM):
+        return model
+    check_source(model)
+    config = model.config.base_config()
+    config.dtype = next(model.parameters()).dtype
+    with init_empty_weights(include_buffers=False):
+        hf = AutoModelForCausalLM.from_config(config)
+    state = model.state_dict()
+    hf.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    hf.generation_config = model.generation_config
+    return hf.eval()
+
+
+def build_model(source: nn.Module, pruning: Pruning, out_norm_init: float) -> nn.Module:
+    """The pruned :class:`~prunext.core.model.PrunextForCausalLM`, adapters at LoRA's init (B = 0).
+
+    Base tensors are shared with ``source`` (no copies). Seed the RNG first for
+    reproducible ``A`` matrices; :func:`init_adapters_svd` overwrites them for flexigpt.
+    """
+    from prunext.core.checkpoint import build_from_hf
+
+    return build_from_hf(hf_view(source), pruning.plan, out_norm_init=out_norm_init)
+
+
+@torch.no_grad()
+def init_adapters_svd(model: nn.Module, pruning: Pruning, weights: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+    """Start each flexigpt replacement's adapters at the truncated SVD of ``W_i - W_j`` (DESIGN.md item 4).
+
+    Position i (= pruned block i, replaced in place) runs kept block j: its
+    ``lora_B @ lora_A`` becomes the best rank-r approximation of ``W_i - W_j``
+    per linear, so ``W_j + BA`` approximates the pruned block's own weight.
+
+    Args:
+        model: built by :func:`build_model` from a flexigpt pruning.
+        pruning: the decision (``sources``).
+        weights: :func:`block_weights` of the SOURCE model (unfiltered), covering every
+            pruned block and its source.
+    """
+    for i, j in pruning.sources.items():
+        position = pruning.plan.positions[i]
+        if position.lora_scale != 1.0:
+            raise ValueError(f"SVD init needs LoRA scale 1 (lora_alpha = rank); position {i} has {position.lora_scale}")
+        layer = model.model.layers[i]
+        for name in position.lora_targets:
+            parent, leaf = LINEAR_PATHS[name].split(".")
+            linear = getattr(getattr(layer, parent), leaf)
+            a, b = svd_adapter(weights[i][name], weights[j][name], position.lora_rank)
+            linear.lora_A.copy_(a)
+            linear.lora_B.copy_(b)
+
+
+def stored_params(model: nn.Module) -> int:
+    """Parameters a model stores: each shared ``nn.Parameter`` once."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,322 @@
+"""``prunext prune``: remove transformer blocks by importance (FlexiGPT and the depth-pruning baselines).
+
+Setup (check every flag, load the model and its sizes, work out how many
+blocks the ratio prunes), run (score the blocks on calibration text, decide
+what goes and what replaces it, build the model), save (rank 0 only: native
+folder + ``prune_report.json`` + plots, atomically).
+
+Under ``torchrun --nproc_per_node N`` the calibration windows are split over
+the ranks and the scores all-reduced (:mod:`prunext.prune.importance`); every
+rank then makes the same decision, and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+
+from prunext.core.model import DEFAULT_OUT_NORM_INIT
+from prunext.errors import UserError
+from prunext.prune.ratio import METHODS
+
+log = logging.getLogger(__name__)
+
+HELP = "prune transformer blocks: FlexiGPT (weight-shared replacements + SVD-initialised LoRA) or a depth baseline"
+EPILOG = f"""\
+examples:
+  prunext prune --model builtin:smollm2-135m --ratio 0.3 --out smol-30/
+  prunext prune --model llama-2-7b/ --ratio 0.3 --method shortgpt-lora --offload --out l2-30-short-lora/
+  torchrun --nproc_per_node 4 -m prunext prune --model llama-2-7b/ --ratio 0.4 --calib-tokens 262144 --out l2-40/
+
+methods (L blocks; r = --ratio; see DESIGN.md "The prune path"):
+  flexigpt       drop the k lowest-Block-Influence blocks; each pruned position is REPLACED IN
+                 PLACE by the kept block j minimising sum over the 7 linears of
+                 ||W^_i - (W^_j + SVD_ra(W^_i - W^_j))||_F^2 (W^ = rank --filter-rank
+                 reconstruction), whose weights it shares (stored once), plus its own LoRA
+                 (rank --adapter-rank, init = truncated SVD of W_i - W_j) and output norms.
+                 Same depth, fewer stored blocks.
+  shortgpt       drop the k lowest-BI blocks (Men et al. 2024).
+  shortgpt-lora  shortgpt, then LoRA (B = 0) on every kept block, at the rank that spends the
+                 adapter parameters flexigpt would add at the same ratio.
+  streamline     replace the n-block window with the highest input/output cosine by ONE block
+                 initialised from the window's first block, to be trained (LLM-Streamline).
+  angular        drop the n-block window with the lowest angular distance (Gromov et al. 2024).
+
+how many blocks: --ratio is the NET fraction of block parameters removed, adapters and
+  norms counted; the smallest count whose net removal is at least r is used (shortgpt-lora
+  then adds its adapters and reports the lower net figure). Both fractions are reported:
+  of block parameters and of all parameters (embeddings included).
+
+defaults (the paper's, scaled to the hidden size): --adapter-rank and --filter-rank
+  hidden/16 (FlexiGPT uses 256 at hidden 4096), output norms with initial scale
+  {DEFAULT_OUT_NORM_INIT:g} (0: the model starts exactly as the block-dropped one), calibration
+  32768 tokens of builtin:wiki:train in windows of 512 (our choice: on SmolLM2-135M at
+  30%, 4096 and 32768 tokens agree on 10 of the 11 blocks; more tokens, steadier scores). --offload streams blocks from disk for the scoring
+  pass only; the model is then loaded whole to build the result.
+
+speed: the distances and SVD init are many small float64 eigendecompositions; on a CPU
+  shared with other jobs, OMP_NUM_THREADS=1 or OMP_WAIT_POLICY=PASSIVE keeps OpenMP from
+  spin-waiting (several times faster there). Under torchrun the scoring is split over ranks.
+
+outputs: DIR (native model + tokenizer), DIR/prune_report.json, DIR/importance.png,
+  DIR/distances.png (flexigpt).
+"""
+
+DTYPES = ("float32", "bfloat16", "float16")
+#: Flags that only flexigpt uses (the ablation switches and its replacement parts).
+FLEXIGPT_ONLY = ("filter_rank", "out_norm", "out_norm_init", "no_filter", "no_svd_init")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="source model: builtin:smollm2-135m, HF or native folder, .gguf, hub id")
+    parser.add_argument("--ratio", type=float, required=True, help="net fraction of block parameters to remove, in (0, 1), e.g. 0.3")
+    parser.add_argument("--out", required=True, help="output folder (native model + prune_report.json + plots)")
+    parser.add_argument("--method", choices=METHODS, default="flexigpt", help="how to prune (default flexigpt; see below)")
+    parser.add_argument("--calib", default="builtin:wiki:train", help="calibration text (default builtin:wiki:train)")
+    parser.add_argument("--calib-tokens", type=int, default=32768, metavar="N", help="calibration tokens (default 32768)")
+    parser.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass when scoring (default 8)")
+    parser.add_argument("--device", default="cpu", help="where scoring runs: cpu, cuda, cuda:1 (default cpu; torchrun ranks use cuda:LOCAL_RANK)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="load, score and save in this dtype (default float32)")
+    parser.add_argument(
+        "--adapter-rank", type=int, default=None, help="flexigpt: LoRA rank r_a per replacement; shortgpt-lora: sets its budget (default hidden/16)"
+    )
+    parser.add_argument("--filter-rank", type=int, default=None, help="flexigpt: rank k of the low-rank filtering in the distance (default hidden/16)")
+    parser.add_argument("--out-norm", choices=("layernorm", "none"), default=None, help="flexigpt: output feature normalization on replacements (default layernorm)")
+    parser.add_argument(
+        "--out-norm-init", type=float, default=None, help=f"flexigpt: initial output-norm scale (default {DEFAULT_OUT_NORM_INIT:g})"
+    )
+    parser.add_argument("--no-filter", action="store_true", default=None, help="flexigpt ablation: distance on raw weights (no low-rank filtering)")
+    parser.add_argument("--no-svd-init", action="store_true", default=None, help="flexigpt ablation: adapters at LoRA's usual init (B = 0)")
+    parser.add_argument("--offload", action="store_true", help="score one block at a time from disk (model folders only)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for adapter A matrices that are not SVD-initialised (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+# ------------------------------------------------------------ checking
+def check_args(args: argparse.Namespace) -> None:
+    """Every check that needs no model; fills in flexigpt's switches. Raises UserError."""
+    from prunext.fsutil import check_out_dir
+    from prunext.prune.ratio import check_ratio
+
+    check_ratio(args.ratio)
+    if args.method != "flexigpt":
+        given = [f for f in FLEXIGPT_ONLY if getattr(args, f) is not None]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} applies to --method flexigpt only")
+        if args.adapter_rank is not None and args.method != "shortgpt-lora":
+            raise UserError(f"--adapter-rank applies to flexigpt and shortgpt-lora; {args.method} adds no adapters")
+    if args.no_filter and args.filter_rank is not None:
+        raise UserError("--no-filter and --filter-rank contradict each other; give one")
+    for flag in ("calib_tokens", "seq_len", "batch_size", "adapter_rank", "filter_rank"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {value} must be a positive integer")
+    if args.seq_len > args.calib_tokens:
+        raise UserError(f"--calib-tokens {args.calib_tokens} is less than one window of --seq-len {args.seq_len}; give more tokens")
+    if args.out_norm_init is not None and not (math.isfinite(args.out_norm_init) and args.out_norm_init >= 0):
+        raise UserError(f"--out-norm-init {args.out_norm_init} must be a finite number >= 0 (small, e.g. {DEFAULT_OUT_NORM_INIT:g})")
+    args.out_norm = args.out_norm or "layernorm"
+    args.no_filter = bool(args.no_filter)
+    args.no_svd_init = bool(args.no_svd_init)
+    check_out_dir(args.out, args.overwrite)
+
+
+def _offload_folder(spec: str):
+    """The folder ``--offload`` streams from; refuses what is not a model folder."""
+    from prunext.core.loading import resolve_model_path
+
+    where = resolve_model_path(spec)
+    if isinstance(where, str) or not (where / "config.json").is_file():
+        raise UserError(f"--offload reads a local model folder with config.json and safetensors; '{spec}' is not one (drop --offload)")
+    return where
+
+
+def _skeleton(folder):
+    """The folder's model on the meta device (for sizes) and its config; refuses non-identity plans."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prunext.core.model import PrunextConfig, check_family, register
+
+    register()
+    config = AutoConfig.from_pretrained(folder)
+    if isinstance(config, PrunextConfig):
+        if not config.plan.is_identity:
+            raise UserError(f"{folder} is already pruned or extended (its plan is not the identity); prune/extend a plain or identity-plan model")
+        config = config.base_config()
+    check_family(config.model_type)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config), config
+
+
+def _tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    from prunext.errors import ModelError
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"no usable tokenizer in '{folder}' ({str(e).splitlines()[0]}); save the tokenizer with the model") from e
+
+
+def calibration_windows(args: argparse.Namespace, tokenizer, vocab_size: int):
+    """``--calib`` -> (n, seq_len) token windows, at most ``--calib-tokens`` tokens."""
+    from prunext.data import check_vocab, load_text_dataset, token_stream, windows
+
+    data = load_text_dataset(args.calib)
+    tokens = token_stream(data["text"], tokenizer, max_tokens=args.calib_tokens)
+    if tokens.numel() < args.calib_tokens:
+        log.warning("--calib %s holds only %d tokens (asked for %d)", args.calib, tokens.numel(), args.calib_tokens)
+    out = windows(tokens, args.seq_len)  # (n, seq_len)
+    check_vocab(out, vocab_size)
+    return out
+
+
+# ---------------------------------------------------------- distributed
+def _init_distributed(device: str) -> tuple[int, int, str, bool]:
+    """``(rank, world, device, created)``; starts a process group when torchrun set WORLD_SIZE > 1."""
+    import datetime
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device, False
+    dist = torch.distributed
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    created = not dist.is_initialized()
+    if created:
+        # rank 0 may write a large model while the others wait at the final barrier
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=2))
+    return dist.get_rank(), dist.get_world_size(), device, created
+
+
+# ----------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    check_args(args)
+    rank, world, device, created = _init_distributed(args.device)
+    try:
+        prune(args, rank, world, device)
+        if world > 1:
+            torch.distributed.barrier()
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str = "cpu") -> None:
+    import torch
+
+    from prunext.core.checkpoint import write_native
+    from prunext.core.loading import load_model, require_tokenizer
+    from prunext.fsutil import atomic_dir
+    from prunext.prune import methods, report
+    from prunext.prune.importance import score_blocks, score_blocks_offloaded
+    from prunext.prune.ratio import ModelSizes, plan_budget
+
+    # setup
+    dtype = getattr(torch, args.dtype)
+    source = folder = None
+    if args.offload:
+        folder = _offload_folder(args.model)
+        skeleton, config = _skeleton(folder)
+        sizes, tokenizer = ModelSizes.from_model(skeleton), _tokenizer(folder)
+    else:
+        source, tokenizer = load_model(args.model, dtype=dtype, device=device)
+        methods.check_source(source)
+        sizes, config = ModelSizes.from_model(source), source.config
+    tokenizer = require_tokenizer(tokenizer, args.model)
+    flexigpt = args.method == "flexigpt"
+    adapter_rank = args.adapter_rank or max(1, sizes.hidden_size // 16)
+    filter_rank = None if args.no_filter else (args.filter_rank or max(1, sizes.hidden_size // 16))
+    if adapter_rank > sizes.max_rank:
+        raise UserError(f"--adapter-rank {adapter_rank} exceeds the smallest linear dimension {sizes.max_rank}; use a smaller rank")
+    out_norm = args.out_norm == "layernorm"
+    out_norm_init = DEFAULT_OUT_NORM_INIT if args.out_norm_init is None else args.out_norm_init
+    budget = plan_budget(args.method, sizes, args.ratio, adapter_rank, out_norm if flexigpt else True)
+    metric, window = methods.metric_for(budget)
+    settings = {
+        "model": args.model,
+        "method": args.method,
+        "ratio": args.ratio,
+        "blocks": sizes.num_blocks,
+        "hidden_size": sizes.hidden_size,
+        "metric": metric,
+        "window": window,
+        "adapter_rank": budget.adapter_rank or None,
+        "filter_rank": filter_rank if flexigpt else None,
+        "out_norm": (args.out_norm if flexigpt else None),
+        "out_norm_init": out_norm_init if flexigpt and out_norm else None,
+        "svd_init": (not args.no_svd_init) if flexigpt else None,
+        "calib": args.calib,
+        "calib_tokens": args.calib_tokens,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "device": device,
+        "dtype": args.dtype,
+        "offload": args.offload,
+        "world_size": world,
+        "seed": args.seed,
+    }
+    if rank == 0:
+        print("prunext prune settings:\n" + report.table([(k, v) for k, v in settings.items() if v is not None]), flush=True)
+
+    # run: score
+    calib = calibration_windows(args, tokenizer, config.vocab_size)
+    settings["calib_windows"] = calib.shape[0]
+    timings = {}
+    start = time.perf_counter()
+    if args.offload:
+        scores = score_blocks_offloaded(str(folder), calib, metric, window, args.batch_size, device, dtype)
+    else:
+        scores = score_blocks(source, calib, metric, window, args.batch_size, device)
+    timings["scoring"] = time.perf_counter() - start
+    if source is None:
+        source, _ = load_model(args.model, dtype=dtype, device=device)
+
+    # run: decide, build, initialise
+    start = time.perf_counter()
+    weights = methods.block_weights(source, range(sizes.num_blocks)) if flexigpt else None
+    pruning = methods.decide(scores, budget, weights, filter_rank, out_norm)
+    timings["matching_svd"] = time.perf_counter() - start
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model = methods.build_model(source, pruning, out_norm_init)
+    timings["build_save"] = time.perf_counter() - start
+    if flexigpt and not args.no_svd_init:
+        start = time.perf_counter()
+        methods.init_adapters_svd(model, pruning, weights)
+        timings["matching_svd"] += time.perf_counter() - start
+    params_after = methods.stored_params(model)
+    if params_after != budget.total_params_after:
+        raise RuntimeError(f"built model stores {params_after:,} parameters, the accounting says {budget.total_params_after:,}")
+
+    # save (rank 0)
+    if rank != 0:
+        return
+    start = time.perf_counter()
+    with atomic_dir(args.out, args.overwrite) as tmp:
+        write_native(model, tmp, tokenizer=tokenizer)
+        report.plot_importance(scores, pruning, tmp / report.IMPORTANCE_PLOT)
+        if pruning.distances is not None:
+            report.plot_distances(pruning, tmp / report.DISTANCE_PLOT)
+        timings["build_save"] += time.perf_counter() - start
+        report.write_report(tmp, report.build_report(settings, scores, budget, pruning, params_after, timings))
+    print(report.summary(budget, pruning))
+    print(
+        "timings: "
+        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
+        + f"; wrote {args.out}",
+        flush=True,
+    )
