@@ -23,7 +23,7 @@ from prunext.errors import UserError
 
 log = logging.getLogger(__name__)
 
-HELP = "heal or grow a model with DeepSpeed ZeRO-3 continued pretraining (FlexiGPT Sec. 3.4)"
+HELP = "heal or grow a model with DeepSpeed ZeRO-3 continued pretraining (FlexiGPT's healing step)"
 EPILOG = """\
 examples:
   prunext train --model pruned/ --data builtin:wiki --tokens 2M --seq-len 512 --micro-batch 8 --out run/
@@ -46,7 +46,7 @@ outputs: OUT/metrics.jsonl (one line per step), OUT/checkpoints/stepN (DeepSpeed
   OUT/train_summary.json.
 """
 
-DEFAULT_LR = {"replacement": 4e-3, "adapters": 4e-3, "all": 1e-4}  # 4e-3: FlexiGPT Sec. 4.1
+DEFAULT_LR = {"replacement": 4e-3, "adapters": 4e-3, "all": 1e-4}  # 4e-3: FlexiGPT's healing lr (DESIGN.md, prune path 6)
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
 #: Settings a resumed run must share with the run it continues (the data order and schedule depend on them).
@@ -149,9 +149,12 @@ def check_args(args: argparse.Namespace, world: int) -> dict:
         UserError: the first problem found, in one sentence.
     """
     from prunext.core.loading import resolve_model_path
+    from prunext.data import load_text_dataset
     from prunext.fsutil import check_out_dir
     from prunext.train import checkpoints, dsconfig
+    from prunext.train.data import make_budget
     from prunext.train.dist import on_gpu
+    from prunext.train.schedule import warmup_steps
     from prunext.train.trainable import check_plan, folder_plan
 
     for flag, low in (("seq_len", 2), ("micro_batch", 1), ("grad_accum", 1), ("eval_windows", 1), ("log_every", 1)):
@@ -197,16 +200,22 @@ def check_args(args: argparse.Namespace, world: int) -> dict:
     where = resolve_model_path(args.model)
     check_plan(folder_plan(where) if isinstance(where, Path) and where.is_dir() else None, args.trainable)
     tokens = resolve_tokens(args)
+    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    budget = make_budget(tokens, args.seq_len, micro, accum, world)
+    # Last, the data sets are opened (streamed, except the small built-in text) and checked, on every rank.
+    dataset = load_text_dataset(args.data, streaming=not args.data.startswith("builtin:"))
+    if args.eval_every:
+        load_text_dataset(args.eval_data, streaming=not args.eval_data.startswith("builtin:"))
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.trainable]
-    return {
+    settings = {
         "model": args.model,
         "data": args.data,
         "out": str(out),
         "trainable": args.trainable,
         "tokens": tokens,
         "seq_len": args.seq_len,
-        "micro_batch": ds_config["train_micro_batch_size_per_gpu"],
-        "grad_accum": ds_config["gradient_accumulation_steps"],
+        "micro_batch": micro,
+        "grad_accum": accum,
         "world_size": world,
         "lr": lr,
         "schedule": args.schedule,
@@ -217,9 +226,15 @@ def check_args(args: argparse.Namespace, world: int) -> dict:
         "deepspeed_config": source,
         "dtype": dsconfig.config_dtype(ds_config),
         "zero_stage": dsconfig.zero_stage(ds_config),
+        "warmup_steps": warmup_steps(args.warmup, budget.steps),
         "_ds_config": ds_config,
+        "_budget": budget,
+        "_dataset": dataset,
         "_resume": resume_state,
     }
+    if resume_state is not None:
+        check_resume(resume_state, settings)
+    return settings
 
 
 def check_resume(state: dict, settings: dict) -> None:
@@ -271,7 +286,7 @@ def prepare_tokens(dataset, tokenizer, settings: dict, budget, out: Path, local_
             start = time.perf_counter()
             count = tokenize_to_file(dataset, tokenizer, budget.tokens, path, settings["vocab_size"])
             log.info("tokenized %s tokens of %s in %.1f s into %s", f"{count:,}", settings["data"], time.perf_counter() - start, path)
-        except UserError as e:
+        except Exception as e:  # every rank learns of it, instead of waiting out the timeout
             error = e
     all_ok(error, group=wait_group)
     return np.load(path, mmap_mode="r")
@@ -313,126 +328,136 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, world: int) -> int:
-    import shutil
-
-    import deepspeed
+def load_for_training(args: argparse.Namespace, settings: dict):
+    """The model in the config's dtype with ``--trainable`` applied, its tokenizer, and parameter counts."""
     import torch
-    import torch.distributed as dist
-    from tqdm.auto import tqdm
 
     from prunext.core.loading import load_model, require_tokenizer
-    from prunext.data import load_text_dataset
-    from prunext.fsutil import write_json_atomic
-    from prunext.train import checkpoints
-    from prunext.train.data import BlockOrder, eval_windows, make_budget
-    from prunext.train.dist import long_wait_group, on_gpu
-    from prunext.train.loop import NonFiniteLoss, evaluate, train_step
-    from prunext.train.metrics import MetricsLog, Wandb, mfu, peak_flops
-    from prunext.train.schedule import make_scheduler, warmup_steps
     from prunext.train.trainable import executed_params, freeze
 
-    out = Path(args.out)
-    ckpt_dir = out / "checkpoints"
-    ds_config = settings.pop("_ds_config")
-    resume = settings.pop("_resume")
-
-    # ---- setup: data set, model, budget
-    dataset = load_text_dataset(args.data, streaming=not args.data.startswith("builtin:"))
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, settings["dtype"]))
     tokenizer = require_tokenizer(tokenizer, args.model)
-    settings["vocab_size"] = model.config.vocab_size
     trainable, total = freeze(model, args.trainable)
-    n_exec = executed_params(model)
+    counts = {"trainable_params": trainable, "total_params": total, "executed_params": executed_params(model)}
     model.config.use_cache = False
     if args.grad_checkpointing:
         # Reentrant checkpointing fires a shared parameter's gradient hook twice (DeepSpeed #2103).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    return model.train(), tokenizer, counts
 
-    budget = make_budget(settings["tokens"], args.seq_len, settings["micro_batch"], settings["grad_accum"], world)
-    settings["warmup_steps"] = warmup_steps(args.warmup, budget.steps)
-    if resume is not None:
-        check_resume(resume, settings)
-    stop = budget.steps if args.stop_at is None else min(args.stop_at, budget.steps)
 
-    if rank == 0 and args.overwrite and out.exists():
-        for child in out.iterdir():  # everything checked and loaded: now replace the old run
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    dist.barrier()
-    out.mkdir(parents=True, exist_ok=True)
+def start_engine(model, settings: dict, ds_config: dict, budget, args: argparse.Namespace):
+    """``deepspeed.initialize`` on the finished graph: sharing and freezing must not change after this."""
+    import deepspeed
 
-    wait_group = long_wait_group(max(args.dist_timeout, 6 * 3600))
-    tokens = prepare_tokens(dataset, tokenizer, settings, budget, out, local_rank, wait_group)
-    order = BlockOrder(tokens, args.seq_len, budget, args.seed)
-    held_out = None
-    if args.eval_every:
-        held_out = eval_windows(args.eval_data, tokenizer, args.seq_len, args.eval_windows, model.config.vocab_size)
+    from prunext.train.schedule import make_scheduler
 
-    # ---- setup: DeepSpeed (the graph, sharing and freezing are final before this)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, settings, ds_config)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings, ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=lambda opt: make_scheduler(opt, budget.steps, settings["warmup_steps"], args.schedule, args.min_lr_ratio),
         config=ds_config,
     )
-    start_step = 0
-    if resume is not None:
-        engine.load_checkpoint(str(ckpt_dir), tag=resume["tag"])
-        start_step = int(resume["step"])
-        if rank == 0:
-            dropped = checkpoints.drop_newer(ckpt_dir, start_step)
-            log.info("resuming from %s (step %d)%s", ckpt_dir / resume["tag"], start_step,
-                     f"; removed unfinished later checkpoints {dropped}" if dropped else "")
-        dist.barrier()
+    return engine
 
-    gpu = on_gpu()
-    peak = peak_flops(torch.cuda.get_device_name() if gpu else "cpu", settings["dtype"])
-    settings.update(
-        steps=budget.steps,
-        tokens_per_step=budget.tokens_per_step,
-        tokens_used=budget.tokens,
-        global_batch=budget.global_batch,
-        data_blocks=order.n_blocks,
-        epochs=order.epochs,
-        trainable_params=trainable,
-        total_params=total,
-        executed_params=n_exec,
-        grad_checkpointing=args.grad_checkpointing,
-    )
+
+def resume_engine(engine, ckpt_dir: Path, state: dict, rank: int) -> int:
+    """Load the checkpoint ``state`` names; drop newer unfinished ones; return the step it ends at."""
+    import torch.distributed as dist
+
+    from prunext.train import checkpoints
+
+    engine.load_checkpoint(str(ckpt_dir), tag=state["tag"])
+    step = int(state["step"])
     if rank == 0:
-        rows = [(k, v) for k, v in settings.items()]
-        print("prunext train settings:\n" + format_table(rows), flush=True)
-        print(
-            f"budget: {budget.steps:,} steps x {budget.tokens_per_step:,} tokens/step = {budget.tokens:,} tokens "
-            f"(requested {budget.requested:,}); data: {order.n_blocks:,} blocks of {args.seq_len}, "
-            f"{order.epochs} epoch(s){' reshuffled each' if order.epochs > 1 else ''}; "
-            f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)",
-            flush=True,
-        )
-        log.info("DeepSpeed config: %s", json.dumps(ds_config, sort_keys=True))
-        write_json_atomic(out / "run_config.json", {"settings": settings, "deepspeed": ds_config, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}})
+        dropped = checkpoints.drop_newer(ckpt_dir, step)
+        note = f"; removed unfinished later checkpoints {dropped}" if dropped else ""
+        log.info("resuming from %s (step %d)%s", ckpt_dir / state["tag"], step, note)
+    dist.barrier()
+    return step
+
+
+def clear_out(out: Path, rank: int) -> None:
+    """``--overwrite``: empty the old run folder, once everything is checked and loaded."""
+    import shutil
+
+    import torch.distributed as dist
+
+    if rank == 0 and out.exists():
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    dist.barrier()
+
+
+def announce(settings: dict, ds_config: dict, budget, order, args: argparse.Namespace, out: Path) -> None:
+    """Rank 0: the resolved settings in full, the budget line, and OUT/run_config.json."""
+    from prunext.fsutil import write_json_atomic
+
+    print("prunext train settings:\n" + format_table(list(settings.items())), flush=True)
+    trainable, total = settings["trainable_params"], settings["total_params"]
+    print(
+        f"budget: {budget.steps:,} steps x {budget.tokens_per_step:,} tokens/step = {budget.tokens:,} tokens "
+        f"(requested {budget.requested:,}); data: {order.n_blocks:,} blocks of {args.seq_len}, "
+        f"{order.epochs} epoch(s){' reshuffled each' if order.epochs > 1 else ''}; "
+        f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)",
+        flush=True,
+    )
+    log.info("DeepSpeed config: %s", json.dumps(ds_config, sort_keys=True))
+    cli = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    write_json_atomic(out / "run_config.json", {"settings": settings, "deepspeed": ds_config, "args": cli})
+
+
+def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, world: int) -> int:
+    import torch
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    from prunext.fsutil import write_json_atomic
+    from prunext.train import checkpoints
+    from prunext.train.data import BlockOrder, eval_windows
+    from prunext.train.dist import long_wait_group, on_gpu
+    from prunext.train.loop import NonFiniteLoss, evaluate, train_step
+    from prunext.train.metrics import MetricsLog, Wandb, mfu, peak_flops
+
+    out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
+    ds_config, budget = settings.pop("_ds_config"), settings.pop("_budget")
+    dataset, resume = settings.pop("_dataset"), settings.pop("_resume")
+
+    # ---- setup: model, data, engine
+    model, tokenizer, counts = load_for_training(args, settings)
+    settings.update(counts, vocab_size=model.config.vocab_size, grad_checkpointing=args.grad_checkpointing)
+    if args.overwrite:
+        clear_out(out, rank)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = prepare_tokens(dataset, tokenizer, settings, budget, out, local_rank, long_wait_group(max(args.dist_timeout, 6 * 3600)))
+    order = BlockOrder(tokens, args.seq_len, budget, args.seed)
+    held_out = eval_windows(args.eval_data, tokenizer, args.seq_len, args.eval_windows, model.config.vocab_size) if args.eval_every else None
+    engine = start_engine(model, settings, ds_config, budget, args)
+    start_step = resume_engine(engine, ckpt_dir, resume, rank) if resume is not None else 0
+    settings.update(steps=budget.steps, tokens_per_step=budget.tokens_per_step, tokens_used=budget.tokens,
+                    global_batch=budget.global_batch, data_blocks=order.n_blocks, epochs=order.epochs)
+    if rank == 0:
+        announce(settings, ds_config, budget, order, args, out)
 
     # ---- run
+    peak = peak_flops(torch.cuda.get_device_name() if on_gpu() else "cpu", settings["dtype"])
     metrics = MetricsLog(out / "metrics.jsonl", active=rank == 0, resume_step=start_step if resume else None)
     wandb = Wandb(rank == 0 and args.report_to == "wandb", out, settings, args.wandb_project, resume is not None)
     bar = tqdm(total=budget.steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    stop = budget.steps if args.stop_at is None else min(args.stop_at, budget.steps)
     started = time.perf_counter()
     last_saved = start_step if resume is not None else None
     state = {"settings": settings}
-    step = start_step
-    record = {}
+    step, record = start_step, {}
     try:
         while step < stop:
             t0 = time.perf_counter()
             lr = engine.get_lr()[0]
-            loss = train_step(engine, order, step, rank, world)
+            loss = train_step(engine, order, step, rank, world, skips_allowed=settings["dtype"] == "float16")
             step += 1
-            seconds = time.perf_counter() - t0
-            tok_s = budget.tokens_per_step / seconds
+            tok_s = budget.tokens_per_step / (time.perf_counter() - t0)
             grad_norm = engine.get_global_grad_norm()
             record = {
                 "step": step,
@@ -443,7 +468,7 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "epoch": step * budget.global_batch / order.n_blocks,
                 "elapsed_s": time.perf_counter() - started,
-                "mfu": mfu(n_exec, tok_s, peak),
+                "mfu": mfu(settings["executed_params"], tok_s, peak),
             }
             if held_out is not None and (step % args.eval_every == 0 or step == budget.steps):
                 record["eval_loss"] = evaluate(engine, held_out, settings["micro_batch"], rank, world)
@@ -461,12 +486,11 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
                 checkpoints.save(engine, ckpt_dir, step, state, rank, args.keep_checkpoints)
                 last_saved = step
     except NonFiniteLoss as e:
-        good = f"{ckpt_dir / checkpoints.tag_of(last_saved)}" if last_saved else "none (no checkpoint was saved yet)"
+        good = ckpt_dir / checkpoints.tag_of(last_saved) if last_saved else "none (no checkpoint was saved yet)"
         raise NonFiniteLoss(f"{e}; stopped before applying it. Last good checkpoint: {good}; lower --lr and --resume, or restart") from None
     finally:
         bar.close()
         wandb.finish()
-
     if step < budget.steps:
         if rank == 0:
             print(f"stopped at step {step} of {budget.steps} (--stop-at); continue with --resume (and a later or no --stop-at)", flush=True)
@@ -475,14 +499,9 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
     # ---- save
     save_final(engine, tokenizer, out / "final", rank)
     if rank == 0:
-        summary = {
-            "steps": budget.steps,
-            "tokens": budget.tokens,
-            "final_loss": record.get("loss"),
-            "final_eval_loss": record.get("eval_loss"),
-            "seconds": time.perf_counter() - started,
-            "settings": settings,
-        }
+        summary = {"steps": budget.steps, "tokens": budget.tokens, "final_loss": record.get("loss"),
+                   "final_eval_loss": record.get("eval_loss"), "seconds": time.perf_counter() - started, "settings": settings}
         write_json_atomic(out / "train_summary.json", summary)
         print(f"trained {budget.steps} steps ({budget.tokens:,} tokens); wrote {out / 'final'}", flush=True)
+    dist.barrier()
     return 0

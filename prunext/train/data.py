@@ -1,0 +1,219 @@
+"""Training data: the token budget, packed blocks, and which rank reads which block at which step.
+
+::
+
+    documents ─► token_stream (EOS after each) ─► blocks of --seq-len (remainder dropped)
+                                                   │
+    epoch e: permutation_e = rng([seed, e]).permutation(n_blocks)
+    global order = permutation_0 ++ permutation_1 ++ ...       (as many epochs as the budget needs)
+                                                   │
+    step s takes G = world * micro * accum blocks: order[s*G : (s+1)*G]
+    rank r reads the slice [r::world] of them, as accum micro-batches of micro blocks
+
+Labels are the inputs (the model shifts them), and there is no padding, so
+every micro-batch has the same number of tokens and the mean over ranks and
+micro-batches (what DeepSpeed computes) is the mean over the global batch.
+The order depends only on the seed, the number of blocks and the global batch,
+so a resumed run reads exactly the blocks the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prunext.errors import DataError, UserError
+
+log = logging.getLogger(__name__)
+
+_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_tokens(text: str) -> int:
+    """Parse a token count such as ``50000``, ``50M``, ``1.5B``, ``2e9``.
+
+    Raises:
+        UserError: not a positive count.
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([KMBGT]?)\s*", str(text).upper())
+    if not m:
+        raise UserError(f"--tokens {text!r} is not a token count; write e.g. 50000, 50M or 1B")
+    value = int(float(m.group(1)) * _SUFFIXES[m.group(2)])
+    if value < 1:
+        raise UserError(f"--tokens {text!r} must be at least 1 token")
+    return value
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many optimizer steps a token budget buys.
+
+    Attributes:
+        requested: tokens asked for (``--tokens`` or the fraction).
+        tokens_per_step: ``seq_len * micro * accum * world``.
+        steps: ``floor(requested / tokens_per_step)``.
+    """
+
+    requested: int
+    seq_len: int
+    micro: int
+    accum: int
+    world: int
+
+    @property
+    def global_batch(self) -> int:
+        """Blocks per optimizer step, over all ranks."""
+        return self.micro * self.accum * self.world
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.global_batch
+
+    @property
+    def steps(self) -> int:
+        return self.requested // self.tokens_per_step
+
+    @property
+    def tokens(self) -> int:
+        """Tokens actually used: whole steps only."""
+        return self.steps * self.tokens_per_step
+
+    @property
+    def blocks(self) -> int:
+        return self.steps * self.global_batch
+
+
+def make_budget(tokens: int, seq_len: int, micro: int, accum: int, world: int) -> Budget:
+    """The budget, refusing one too small for a single step."""
+    budget = Budget(tokens, seq_len, micro, accum, world)
+    if budget.steps < 1:
+        raise UserError(
+            f"a budget of {tokens:,} tokens is less than one step of {budget.tokens_per_step:,} tokens "
+            f"(seq-len {seq_len} x micro-batch {micro} x grad-accum {accum} x {world} ranks); "
+            "raise --tokens or lower the batch"
+        )
+    return budget
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash that changes when the tokenization would."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else f"{type(tokenizer).__name__}:{tokenizer.name_or_path}:{len(tokenizer)}"
+    return hashlib.sha1(f"{text}|eos={tokenizer.eos_token_id}".encode()).hexdigest()[:12]
+
+
+def cache_name(data: str, tokenizer, max_tokens: int) -> str:
+    key = json.dumps({"data": data, "tokenizer": tokenizer_fingerprint(tokenizer), "max_tokens": max_tokens}, sort_keys=True)
+    return f"tokens-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
+
+
+def texts_of(dataset):
+    """The ``text`` column of a (streaming or in-memory) data set, one document at a time."""
+    for row in dataset:
+        yield row["text"]
+
+
+def tokenize_to_file(dataset, tokenizer, max_tokens: int, path: Path, vocab_size: int) -> int:
+    """Tokenize up to ``max_tokens`` tokens into ``path`` (int32 .npy), written atomically.
+
+    Returns:
+        The number of tokens written.
+
+    Raises:
+        DataError: the data holds no tokens, or ids outside the model's vocabulary.
+    """
+    from prunext.data import check_vocab, token_stream
+
+    tokens = token_stream(texts_of(dataset), tokenizer, max_tokens=max_tokens)
+    if tokens.numel() == 0:
+        raise DataError("the training data holds no text; give a data set with non-empty documents")
+    check_vocab(tokens, vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
+    os.close(fd)
+    try:
+        np.save(tmp, tokens.numpy().astype(np.int32))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return int(tokens.numel())
+
+
+class BlockOrder:
+    """Which blocks each rank reads at each step (see the module docstring).
+
+    Args:
+        tokens: the 1-D token stream (int array; a memory map is fine).
+        seq_len: block length.
+        budget: the run's budget (global batch, steps).
+        seed: shuffling seed.
+
+    Raises:
+        DataError: the data is shorter than one block.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, budget: Budget, seed: int) -> None:
+        self.n_blocks = len(tokens) // seq_len
+        if self.n_blocks == 0:
+            raise DataError(
+                f"the training data has {len(tokens)} tokens, fewer than one block of --seq-len {seq_len}; "
+                "use more data or a smaller --seq-len"
+            )
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.budget = budget
+        self.seed = seed
+
+    @property
+    def epochs(self) -> int:
+        """Passes over the data the budget needs (each one reshuffled)."""
+        return math.ceil(self.budget.blocks / self.n_blocks)
+
+    @functools.lru_cache(maxsize=4)
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+
+    def step_blocks(self, step: int, rank: int) -> np.ndarray:
+        """Block ids rank ``rank`` reads at 0-based optimizer step ``step``: shape (accum, micro)."""
+        b = self.budget
+        start = step * b.global_batch
+        ids = []
+        for index in range(start + rank, start + b.global_batch, b.world):
+            epoch, pos = divmod(index, self.n_blocks)
+            ids.append(self.permutation(epoch)[pos])
+        return np.asarray(ids).reshape(b.accum, b.micro)
+
+    def global_blocks(self, step: int) -> np.ndarray:
+        """All blocks of step ``step`` in order (what a single process would train on): shape (G,)."""
+        start = step * self.budget.global_batch
+        return np.asarray([self.permutation(i // self.n_blocks)[i % self.n_blocks] for i in range(start, start + self.budget.global_batch)])
+
+    def batch(self, block_ids: np.ndarray) -> torch.LongTensor:
+        """The token blocks for ``block_ids``: shape (len(block_ids), seq_len)."""
+        rows = [np.asarray(self.tokens[i * self.seq_len : (i + 1) * self.seq_len]) for i in block_ids]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def eval_windows(data: str, tokenizer, seq_len: int, n_windows: int, vocab_size: int) -> torch.LongTensor:
+    """The first ``n_windows`` windows of ``data`` (fixed for the whole run): shape (n, seq_len).
+
+    Raises:
+        DataError: the data is shorter than one window.
+    """
+    from prunext.data import check_vocab, load_text_dataset, token_stream, windows
+
+    tokens = token_stream(texts_of(load_text_dataset(data)), tokenizer, max_tokens=n_windows * seq_len)
+    check_vocab(tokens, vocab_size)
+    return windows(tokens, seq_len)

@@ -1,0 +1,108 @@
+"""``OUT/metrics.jsonl``, throughput and model FLOPs utilisation, and optional wandb logging.
+
+One JSON object per optimizer step (rank 0 writes): ``step``, ``loss`` (mean
+over the global batch), ``lr`` (the rate that step used), ``tokens``
+(cumulative), ``tokens_per_s`` (this step), ``grad_norm``, ``epoch``,
+``elapsed_s``, on GPU ``mfu``, and ``eval_loss``/``eval_ppl`` on evaluation
+steps.
+
+MFU = 6 * N * tokens/s / peak, with N the parameters the forward pass
+multiplies with (a shared block counted once per position that runs it) and
+the peak dense bf16/fp16 tensor-core rate of the GPU. 6N is the usual
+all-trainable estimate (2N forward, 4N backward); with frozen base weights
+the backward skips their weight gradients (about 4N in all), so MFU then
+understates how busy the GPU is. Attention's sequence-length term is left out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: Dense bf16/fp16 peak FLOP/s per GPU (vendor datasheets, without sparsity).
+PEAK_FLOPS: dict[str, float] = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe card is 756e12
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "L4": 121e12,
+}
+
+
+def peak_flops(device_name: str, dtype: str) -> float | None:
+    """The peak for a GPU name such as "NVIDIA H100 80GB HBM3", or None (unknown GPU, fp32)."""
+    if dtype not in ("bfloat16", "float16"):
+        return None
+    if "H100" in device_name and "PCIe" in device_name:
+        return 756e12
+    for key, value in PEAK_FLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def mfu(executed_params: int, tokens_per_s: float, peak: float | None) -> float | None:
+    return None if not peak else 6 * executed_params * tokens_per_s / peak
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl`` on rank 0 (other ranks hold a no-op instance).
+
+    On resume the lines after the checkpoint's step are dropped, since those
+    steps are redone, so the file reads like one uninterrupted run.
+    """
+
+    def __init__(self, path: Path, active: bool, resume_step: int | None = None) -> None:
+        self.path = path
+        self.active = active
+        if not active:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    break  # a line cut by a kill: everything after it is redone
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``metrics.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class Wandb:
+    """wandb on rank 0 when ``--report-to wandb``; offline (files under OUT/wandb) without an API key."""
+
+    def __init__(self, enabled: bool, out: Path, config: dict, project: str, resume: bool) -> None:
+        self.run = None
+        if not enabled:
+            return
+        if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+            os.environ["WANDB_MODE"] = "offline"
+            log.info("wandb: no WANDB_API_KEY, logging offline into %s (sync later with `wandb sync`)", out / "wandb")
+        import wandb
+
+        self.run = wandb.init(project=project, name=out.resolve().name, dir=str(out), config=config, resume="allow" if resume else None)
+
+    def log(self, record: dict) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

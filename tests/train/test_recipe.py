@@ -1,0 +1,133 @@
+"""prunext/train/recipe.py: every bad input is refused in one line (exit 2) before any work.
+
+These run the CLI in-process: the checks come before the process group,
+the model and the data are touched. One case runs the real command line to
+show stderr holds exactly that line.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prunext.cli import main
+from prunext.core.loading import BUILTIN_MODELS
+from prunext.train.recipe import resolve_tokens
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    model = tiny.build_tiny_pruned(root / "model")
+    text = root / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n\n" * 50)
+    (root / "broken.json").write_text('// a comment\n{"zero_optimization": {\n')
+    (root / "batch.json").write_text('{"train_batch_size": 7}')
+    (root / "micro.json").write_text('// micro 8\n{"train_micro_batch_size_per_gpu": 8}')
+    return root, model, text
+
+
+def _refused(capsys, argv):
+    code = main(["train", *map(str, argv)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("prunext train: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--deepspeed", "{root}/broken.json"], "is not valid JSON/hjson"),
+        (["--deepspeed", "{root}/batch.json", "--micro-batch", "2"], "train_batch_size 7 is not micro-batch 2 x grad-accum 1 x 1 ranks = 2"),
+        (["--deepspeed", "{root}/micro.json", "--micro-batch", "2"], "--micro-batch 2 contradicts"),
+        (["--deepspeed", "{root}/none.json"], "does not exist"),
+        (["--resume"], "--resume found no complete checkpoint"),
+        (["--tokens", "lots"], "is not a token count"),
+        (["--tokens", "10"], "less than one step"),
+        (["--seq-len", "1"], "--seq-len 1 must be at least 2"),
+        (["--lr", "-1"], "--lr -1.0 must be a positive number"),
+        (["--min-lr-ratio", "2"], "--min-lr-ratio"),
+        (["--trainable", "all", "--token-fraction", "0.01"], "give --pretrain-tokens"),
+        (["--token-fraction", "1.5", "--pretrain-tokens", "1M"], "must be in (0, 1]"),
+        (["--data", "{root}/missing.txt"], "no such file or folder"),
+        (["--model", "{root}/no-model"], "does not exist"),
+    ],
+)
+def test_bad_input_refused_in_one_line(capsys, inputs, extra, message):
+    root, model, text = inputs
+    argv = ["--model", model, "--data", text, "--seq-len", "32", "--out", root / "out-never"]
+    if "--token-fraction" not in extra and "--tokens" not in extra:
+        argv += ["--tokens", "4096"]
+    _refused(capsys, argv + [e.format(root=root) for e in extra])
+    assert not (root / "out-never").exists()
+
+
+def test_error_messages(capsys, inputs):
+    root, model, text = inputs
+    base = ["--model", model, "--data", text, "--tokens", "4096", "--seq-len", "32"]
+    line = _refused(capsys, base + ["--out", root / "o", "--deepspeed", root / "micro.json", "--micro-batch", "2"])
+    assert "contradicts --deepspeed" in line and "train_micro_batch_size_per_gpu 8" in line
+
+
+def test_plain_model_with_replacement_refused(capsys, inputs, tiny_hf):
+    root, _, text = inputs
+    plain = root / "plain"
+    if not plain.exists():
+        tiny_hf(layers=2).save_pretrained(plain)
+    capsys.readouterr()  # save_pretrained's own progress bar
+    line = _refused(capsys, ["--model", plain, "--data", text, "--tokens", "4096", "--out", root / "o2"])
+    assert line.endswith("nothing to train: the model has no adapters or output norms; use --trainable all")
+
+
+def test_non_empty_out_refused_and_untouched(capsys, inputs):
+    root, model, text = inputs
+    out = root / "taken"
+    out.mkdir(exist_ok=True)
+    (out / "keep.txt").write_text("mine")
+    line = _refused(capsys, ["--model", model, "--data", text, "--tokens", "4096", "--out", out])
+    assert "exists and is not empty" in line
+    assert (out / "keep.txt").read_text() == "mine"
+    line = _refused(capsys, ["--model", model, "--data", text, "--tokens", "4096", "--out", out, "--resume", "--overwrite"])
+    assert "give one of them" in line
+
+
+def test_resume_with_other_settings_refused(capsys, inputs):
+    root, model, text = inputs
+    ckpt = root / "prev" / "checkpoints" / "step2"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "prunext_state.json").write_text(json.dumps({"step": 2, "settings": {"seq_len": 64, "seed": 0}}))
+    (ckpt.parent / "latest").write_text("step2")
+    line = _refused(capsys, ["--model", model, "--data", text, "--tokens", "4096", "--seq-len", "32", "--out", root / "prev", "--resume"])
+    assert "--resume with seq_len = 32, but the run in --out used 64" in line
+
+
+def test_token_fraction_follows_prune_reports(tmp_path):
+    pruned = tmp_path / "pruned"
+    grown = tmp_path / "grown"
+    pruned.mkdir()
+    grown.mkdir()
+    (pruned / "prune_report.json").write_text(json.dumps({"model": "builtin:smollm2-135m"}))
+    (grown / "extend_report.json").write_text(json.dumps({"model": str(pruned)}))
+    args = argparse.Namespace(tokens=None, token_fraction=0.001, pretrain_tokens=None, model=str(grown))
+    assert resolve_tokens(args) == BUILTIN_MODELS["smollm2-135m"].pretrain_tokens // 1000
+    args.pretrain_tokens = "3B"
+    assert resolve_tokens(args) == 3_000_000
+
+
+def test_real_command_line_prints_one_line(inputs):
+    root, model, text = inputs
+    proc = subprocess.run(
+        [sys.executable, str(tiny.LAUNCH), "--model", str(model), "--data", str(text), "--tokens", "4096", "--out", str(root / "o3"),
+         "--deepspeed", str(root / "broken.json")],
+        env=tiny.env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, tiny.tail(proc)
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert "is not valid JSON/hjson" in proc.stderr and "Traceback" not in proc.stderr
