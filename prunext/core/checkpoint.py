@@ -29,7 +29,7 @@ from torch import nn
 from prunext.core.mapping import hf_to_plan, stored_keys
 from prunext.core.model import DEFAULT_OUT_NORM_INIT, PrunextConfig, PrunextForCausalLM, register
 from prunext.core.modules import LoRALinear, OutputNorm
-from prunext.core.plan import Plan
+from prunext.core.plan import Plan, PlanError
 from prunext.errors import ModelError
 from prunext.fsutil import atomic_dir
 
@@ -216,13 +216,19 @@ def assign_stored(model: PrunextForCausalLM, state: dict[str, torch.Tensor], *, 
 
 
 def build_from_hf(hf_model: nn.Module, plan: Plan, out_norm_init: float = DEFAULT_OUT_NORM_INIT) -> PrunextForCausalLM:
-    """Build the plan's model from a plain HF causal LM of a supported family.
+    """Build the plan's model from a plain HF causal LM of a supported family (or an identity-plan native one).
 
     Base tensors are taken from ``hf_model`` without copying; adapters start
     at LoRA's usual init (B = 0) and output norms at ``out_norm_init``: callers
     that want another init (SVD, for pruning) set it afterwards.
     """
-    config = PrunextConfig.from_base(hf_model.config, plan)
+    base_config = hf_model.config
+    if isinstance(hf_model, PrunextForCausalLM):
+        # an identity-plan native model has exactly the plain model's keys and blocks
+        if not hf_model.plan.is_identity:
+            raise PlanError("a new plan is built over a plain model or an identity-plan native model, not over another plan")
+        base_config = hf_model.config.base_config()
+    config = PrunextConfig.from_base(base_config, plan)
     config.dtype = next(hf_model.parameters()).dtype
     with init_empty_weights(include_buffers=False):
         model = PrunextForCausalLM(config, out_norm_init=out_norm_init)

@@ -90,3 +90,14 @@ def test_random_init_model_from_config_shares(tiny_hf):
     assert fresh.model.layers[2].self_attn.q_proj.weight is fresh.model.layers[1].self_attn.q_proj.weight
     assert torch.all(fresh.model.layers[2].self_attn.q_proj.lora_B == 0)
     assert torch.all(fresh.model.layers[2].attn_out_norm.weight == fresh.model.layers[2].attn_out_norm.init_scale)
+
+
+def test_build_from_an_identity_native_model_equals_build_from_hf(tiny_hf):
+    hf = tiny_hf("mistral")
+    native = build_from_hf(hf, Plan.identity(4))
+    from_native = build_from_hf(native, shared_plan(out_norm=False))
+    from_hf = build_from_hf(hf, shared_plan(out_norm=False))
+    x = torch.randint(0, 128, (1, 7))
+    assert torch.equal(from_native(x).logits, from_hf(x).logits)
+    with pytest.raises(Exception, match="not over another plan"):
+        build_from_hf(from_hf, Plan.identity(5))
