@@ -164,7 +164,7 @@ def _plots(out, rows) -> list[str]:
     pruned = set(report["decision"].get("pruned", []))
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.bar(range(len(scores)), scores, color=["tab:red" if i in pruned else "tab:blue" for i in range(len(scores))])
-    ax.set(xlabel="block", ylabel="Block Influence", title="Block importance (red: pruned and replaced)")
+    ax.set(xlabel="block", ylabel="Block Influence (log)", yscale="log", title="Block importance (red: pruned and replaced)")
     fig.tight_layout()
     fig.savefig(out / "importance.png", dpi=110)
     plt.close(fig)
@@ -182,8 +182,11 @@ def _plots(out, rows) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 3))
     names = [r["model"] for r in rows]
-    ax.barh(names, [r["perplexity"]["ppl"] for r in rows], color="tab:green")
-    ax.set(xlabel="perplexity (lower is better)", xscale="log", title="Perplexity on builtin:wiki:test")
+    values = [r["perplexity"]["ppl"] for r in rows]
+    bars = ax.barh(names, values, color="tab:green")
+    ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=3)
+    ax.set_xlim(0, max(values) * 1.2)
+    ax.set(xlabel="perplexity (lower is better)", title=f"Perplexity on {EVAL_DATA}")
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(out / "perplexity.png", dpi=110)
