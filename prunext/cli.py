@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         p = sub.add_parser(
             verb,
-            help=module.HELP,
+            help=module.HELP.replace("%", "%%"),  # argparse %-formats help strings
             description=module.HELP,
             epilog=module.EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,22 +1,27 @@
-"""``prunext convert``: any accepted model -> native folder or plain dense HF folder.
+"""``prunext convert``: any accepted model or a DeepSpeed ZeRO-3 checkpoint -> native folder or plain dense HF folder.
 
-Flow: check arguments and what the target format can express -> load -> write atomically.
+Flow: check arguments and what the target format can express -> load -> write atomically -> optionally verify.
+A ``--from`` that is a training run's checkpoint folder goes through :mod:`prunext.convert.zero`.
 """
 
 from __future__ import annotations
 
-HELP = "convert a model between formats: HF / GGUF / builtin / native -> native or plain HF"
+HELP = "convert a model between formats: HF / GGUF / builtin / native / ZeRO-3 checkpoint -> native or plain HF"
 EPILOG = """\
 examples:
   prunext convert --from builtin:smollm2-135m --to smollm2-native/
   prunext convert --from model.Q4_1.gguf --to native/ --dtype float32
   prunext convert --from pruned/ --to pruned-hf/ --format hf --dtype bfloat16
+  prunext convert --from run/checkpoints --to healed/ --verify      (newest complete ZeRO-3 tag)
 
 --format native (default) writes a prunext folder: config.json with the plan,
 safetensors holding every shared tensor once, tokenizer files.
 --format hf writes the base family's plain model (loads without prunext): each
 position gets its own copy of its block's weights with its adapters merged.
 A plan with output norms cannot be expressed that way and is refused.
+A DeepSpeed checkpoint folder (OUT/checkpoints, OUT, or one tag folder) is
+rebuilt to full fp32 weights on one CPU process, without GPUs or the training
+world size; the newest complete tag is used unless --tag names one.
 """
 
 
@@ -26,6 +31,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", choices=("native", "hf"), default="native", help="output format (default native)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="output dtype (default: as loaded, float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
+    parser.add_argument("--tag", default=None, help="checkpoint source: the tag to convert (default: the newest complete one)")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="checkpoint source: the model folder training started from (config + tokenizer; default OUT/final, else run_config.json's)")
+    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="native format: shard the safetensors above this size (default 5GB)")
+    parser.add_argument("--verify", action="store_true",
+                        help="load source and result and print the max logit difference on a few fixed token windows")
 
 
 def _plan_of_native_folder(source: str):
@@ -54,8 +65,24 @@ def run(args) -> int:
     from prunext.core.loading import load_model
     from prunext.fsutil import atomic_dir, check_out_dir
 
+    from prunext.convert.zero import find_checkpoint_dir
+    from prunext.errors import UserError
+
     log = logging.getLogger(__name__)
     check_out_dir(args.out, args.overwrite)
+    try:
+        from prunext.core.checkpoint import _parse_size
+
+        if _parse_size(args.max_shard_size) <= 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--max-shard-size {args.max_shard_size} is not a size such as 5GB, 500MB or 1000000") from None
+    checkpoint = find_checkpoint_dir(args.source)
+    if checkpoint is not None:
+        return _run_checkpoint(args, *checkpoint)
+    for flag in ("tag", "model"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag} applies to a DeepSpeed checkpoint --from, and {args.source} is not one")
     if args.format == "hf":
         plan = _plan_of_native_folder(args.source)
         if plan is not None:
@@ -66,7 +93,41 @@ def run(args) -> int:
         if args.format == "hf":
             write_dense_hf(model, tmp, tokenizer=tokenizer)
         else:
-            write_native(model, tmp, tokenizer=tokenizer)
+            write_native(model, tmp, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
     log.info("wrote %s model (%d positions) to %s", args.format, len(model.plan), args.out)
     print(f"converted {args.source} -> {args.out} ({args.format}, {str(dtype).replace('torch.', '')}, {len(model.plan)} positions)")
+    if args.verify:
+        from transformers import AutoModelForCausalLM
+
+        from prunext.convert.zero import max_logit_diff, verify_windows
+
+        result = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()
+        windows = verify_windows(model.config.vocab_size)
+        diff = max_logit_diff(result, model.float().eval(), windows)
+        print(f"verify: max |logit difference| vs {args.source} = {diff:.3g} on {tuple(windows.shape)} fixed token windows")
+    return 0
+
+
+def _run_checkpoint(args, ckpt_dir, tag_in_path) -> int:
+    """A DeepSpeed ZeRO-3 checkpoint folder -> native/HF folder, on one CPU process."""
+    import json
+
+    import torch
+
+    from prunext.convert.zero import convert_zero_checkpoint, verify_checkpoint_result
+    from prunext.errors import UserError
+    from prunext.fsutil import atomic_dir
+
+    if tag_in_path is not None and args.tag not in (None, tag_in_path):
+        raise UserError(f"--from names tag {tag_in_path} and --tag says {args.tag}; give one")
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+    with atomic_dir(args.out, args.overwrite) as tmp:
+        done = convert_zero_checkpoint(ckpt_dir, tmp, tag=args.tag or tag_in_path, fmt=args.format, dtype=dtype,
+                                       model=args.model, max_shard_size=args.max_shard_size)
+        (tmp / "convert_report.json").write_text(json.dumps({"from": str(args.source), "format": args.format,
+                                                             "dtype": str(dtype).replace("torch.", ""), **done}, indent=2) + "\n")
+    print(f"converted {done['tag_dir']} -> {args.out} ({args.format}, {str(dtype).replace('torch.', '')}, "
+          f"{done['positions']} positions, {done['tensors']} tensors, {done['params']:,} parameters stored)")
+    if args.verify:
+        print(verify_checkpoint_result(ckpt_dir, args.out, args.format, done["tag"]))
     return 0
