@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/quality.py --preset smoke --methods shortgpt,flexigpt,shortgpt-lora --out /tmp/quality_smoke
+    .venv/bin/python bench/quality.py --preset smoke --methods shortgpt,flexigpt,shortgpt-lora --out quality_smoke
     .venv/bin/python bench/quality.py --preset cpu --out bench_out/quality_cpu        # about an hour on 2 CPU cores
     .venv/bin/python bench/quality.py --preset gpu --out bench_out/quality_gpu        # one H100, --device cuda
     .venv/bin/python bench/quality.py --preset cpu --budgets 15K,60K,250K --ratios 0.3 --out sweep/   # issue 9 sweep
