@@ -73,12 +73,11 @@ def load(spec: str, dtype, plan=None):
 
     from prunext.core.checkpoint import build_from_hf
     from prunext.core.loading import load_model
-    from prunext.prune.methods import hf_view
 
     model, tokenizer = load_model(spec, dtype=getattr(torch, dtype))
     if plan is not None:
         torch.manual_seed(0)
-        model = build_from_hf(hf_view(model), plan)
+        model = build_from_hf(model, plan)
     model.config.use_cache = False
     return model.train(), tokenizer
 

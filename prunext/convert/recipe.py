@@ -71,9 +71,9 @@ def run(args) -> int:
     log = logging.getLogger(__name__)
     check_out_dir(args.out, args.overwrite)
     try:
-        from prunext.core.checkpoint import _parse_size
+        from prunext.core.checkpoint import parse_size
 
-        if _parse_size(args.max_shard_size) <= 0:
+        if parse_size(args.max_shard_size) <= 0:
             raise ValueError
     except ValueError:
         raise UserError(f"--max-shard-size {args.max_shard_size} is not a size such as 5GB, 500MB or 1000000") from None

@@ -291,9 +291,9 @@ def write_stored_streaming(stored: dict[str, Lazy], folder: Path, dtype, max_sha
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from prunext.core.checkpoint import INDEX_FILE, SINGLE_FILE, _parse_size
+    from prunext.core.checkpoint import INDEX_FILE, SINGLE_FILE, parse_size
 
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     size_of = {k: math.prod(v.shape) * dtype.itemsize for k, v in stored.items()}
     groups: list[list[str]] = [[]]
     size = 0

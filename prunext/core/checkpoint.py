@@ -47,7 +47,8 @@ def stored_state_dict(model: PrunextForCausalLM) -> dict[str, torch.Tensor]:
     return {k: state[k] for k in keys}
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a size such as "5GB", "200MB" or "2GiB"."""
     if isinstance(size, int):
         return size
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -64,7 +65,7 @@ def write_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_si
     Returns:
         The file names written.
     """
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in state.items():

@@ -172,37 +172,6 @@ def check_source(model: nn.Module) -> None:
         )
 
 
-def hf_view(model: nn.Module) -> nn.Module:
-    """A plain HF model of the base family sharing ``model``'s tensors (no copies).
-
-    ``build_from_hf`` builds from a plain HF model; a
-    :class:`~prunext.core.model.PrunextForCausalLM` with the identity plan has
-    the same state-dict keys, so its tensors are assigned into the family's own
-    class built on the meta device. A plain HF model is returned as is.
-
-    Raises:
-        UserError: a native model whose plan is not the identity (already pruned or extended).
-    """
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from prunext.core.model import PrunextForCausalLM
-
-    if not isinstance(model, PrunextForCausalLM):
-        return model
-    check_source(model)
-    config = model.config.base_config()
-    config.dtype = next(model.parameters()).dtype
-    with init_empty_weights(include_buffers=False):
-        hf = AutoModelForCausalLM.from_config(config)
-    state = model.state_dict()
-    hf.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        hf.lm_head.weight = hf.model.embed_tokens.weight
-    hf.generation_config = model.generation_config
-    return hf.eval()
-
-
 def build_model(source: nn.Module, pruning: Pruning, out_norm_init: float) -> nn.Module:
     """The pruned :class:`~prunext.core.model.PrunextForCausalLM`, adapters at LoRA's init (B = 0).
 
@@ -211,7 +180,8 @@ def build_model(source: nn.Module, pruning: Pruning, out_norm_init: float) -> nn
     """
     from prunext.core.checkpoint import build_from_hf
 
-    return build_from_hf(hf_view(source), pruning.plan, out_norm_init=out_norm_init)
+    check_source(source)
+    return build_from_hf(source, pruning.plan, out_norm_init=out_norm_init)
 
 
 @torch.no_grad()

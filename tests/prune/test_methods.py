@@ -192,4 +192,4 @@ def test_an_already_pruned_model_is_refused_as_a_source(tiny_hf):
 
     pruned = build_from_hf(tiny_hf("llama", layers=4), Plan((Position(0), Position(2)), 4))
     with pytest.raises(UserError, match="plain or identity-plan model"):
-        methods.hf_view(pruned)
+        methods.check_source(pruned)
