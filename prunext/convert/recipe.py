@@ -39,29 +39,13 @@ def add_arguments(parser) -> None:
                         help="load source and result and print the max logit difference on a few fixed token windows")
 
 
-def _plan_of_native_folder(source: str):
-    """The plan of a native folder, read from config.json without loading weights; None otherwise."""
-    import json
-    from pathlib import Path
-
-    from prunext.core.plan import Plan
-
-    config = Path(source) / "config.json"
-    if not config.is_file():
-        return None
-    data = json.loads(config.read_text())
-    if data.get("model_type") != "prunext" or data.get("prunext_plan") is None:
-        return None
-    return Plan.from_dict(data["prunext_plan"])
-
-
 def run(args) -> int:
     import logging
 
     import torch
 
     from prunext.convert.hf import check_hf_expressible, write_dense_hf
-    from prunext.core.checkpoint import write_native
+    from prunext.core.checkpoint import read_plan, write_native
     from prunext.core.loading import load_model
     from prunext.fsutil import atomic_dir, check_out_dir
 
@@ -84,7 +68,7 @@ def run(args) -> int:
         if getattr(args, flag) is not None:
             raise UserError(f"--{flag} applies to a DeepSpeed checkpoint --from, and {args.source} is not one")
     if args.format == "hf":
-        plan = _plan_of_native_folder(args.source)
+        plan = read_plan(args.source)
         if plan is not None:
             check_hf_expressible(plan)
     dtype = getattr(torch, args.dtype) if args.dtype else torch.float32

@@ -133,6 +133,24 @@ def save_native(
     return path
 
 
+def read_plan(folder: str | os.PathLike) -> Plan | None:
+    """The plan of a native folder read from its ``config.json`` without loading weights.
+
+    Returns None for anything that is not a readable native folder (plain HF
+    folders, GGUF files, hub ids, damaged configs); loading reports those in
+    its own words.
+    """
+    try:
+        data = json.loads((Path(folder) / "config.json").read_text())
+        if data.get("model_type") != "prunext":
+            return None
+        if data.get("prunext_plan") is None:
+            return Plan.identity(int(data["num_hidden_layers"]))
+        return Plan.from_dict(data["prunext_plan"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def read_safetensors_keys(folder: Path) -> dict[str, str]:
     """Map every stored tensor name to the file holding it (single file or sharded)."""
     index = folder / INDEX_FILE

@@ -6,6 +6,8 @@ Flow: check arguments -> load model -> perplexity (--ppl) -> zero-shot tasks
 
 from __future__ import annotations
 
+from prunext.tables import format_table
+
 HELP = "evaluate a model: perplexity on a data set and/or zero-shot tasks through lm-eval"
 EPILOG = """\
 examples:
@@ -86,11 +88,6 @@ def evaluate_perplexity(model, tokenizer, data: str, seq_len: int, max_tokens: i
     tokens = token_stream(texts, tokenizer, max_tokens=max_tokens)
     check_vocab(tokens, model.config.vocab_size)
     return perplexity(model, windows(tokens, seq_len), dataset=data, batch_size=batch_size)
-
-
-def format_table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 def run(args) -> int:

@@ -160,6 +160,7 @@ def peek_plan(spec: str):
 
     Lets every depth-dependent check run before a large model is loaded.
     """
+    from prunext.core.checkpoint import read_plan
     from prunext.core.loading import resolve_model_path
     from prunext.core.plan import Plan
 
@@ -167,11 +168,11 @@ def peek_plan(spec: str):
     config = where / "config.json" if not isinstance(where, str) else None
     if config is None or not config.is_file():
         return None
+    native = read_plan(where)
+    if native is not None:
+        return native
     try:
-        fields = json.loads(config.read_text())
-        if fields.get("model_type") == "prunext" and fields.get("prunext_plan") is not None:
-            return Plan.from_dict(fields["prunext_plan"])
-        return Plan.identity(int(fields["num_hidden_layers"]))
+        return Plan.identity(int(json.loads(config.read_text())["num_hidden_layers"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # load_model reports a damaged folder in its own words
 

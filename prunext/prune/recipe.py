@@ -222,6 +222,7 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
     from prunext.core.loading import load_model, require_tokenizer
     from prunext.fsutil import atomic_dir
     from prunext.prune import methods, report
+    from prunext.tables import format_table
     from prunext.prune.importance import score_blocks, score_blocks_offloaded
     from prunext.prune.ratio import ModelSizes, plan_budget
 
@@ -270,7 +271,7 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
         "seed": args.seed,
     }
     if rank == 0:
-        print("prunext prune settings:\n" + report.table([(k, v) for k, v in settings.items() if v is not None]), flush=True)
+        print("prunext prune settings:\n" + format_table([(k, v) for k, v in settings.items() if v is not None]), flush=True)
 
     # run: score
     calib = calibration_windows(args, tokenizer, config.vocab_size)

@@ -14,16 +14,11 @@ from pathlib import Path
 
 from prunext.prune.methods import Pruning
 from prunext.prune.ratio import Budget
+from prunext.tables import format_table
 
 REPORT_FILE = "prune_report.json"
 IMPORTANCE_PLOT = "importance.png"
 DISTANCE_PLOT = "distances.png"
-
-
-def table(rows: list[tuple[str, object]]) -> str:
-    """Two aligned columns, one ``name  value`` pair a line."""
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
 def build_report(
@@ -93,7 +88,7 @@ def summary(budget: Budget, pruning: Pruning) -> str:
             f"{budget.net_removed:,} = {budget.block_fraction:.2%} of block params, {budget.total_fraction:.2%} of all params",
         ),
     ]
-    return table(rows)
+    return format_table(rows)
 
 
 def _pyplot():

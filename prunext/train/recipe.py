@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from prunext.errors import UserError
+from prunext.tables import format_table
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,8 @@ def check_args(args: argparse.Namespace, world: int) -> dict:
     from prunext.train.data import make_budget
     from prunext.train.dist import on_gpu
     from prunext.train.schedule import warmup_steps
-    from prunext.train.trainable import check_plan, folder_plan
+    from prunext.core.checkpoint import read_plan
+    from prunext.train.trainable import check_plan
 
     for flag, low in (("seq_len", 2), ("micro_batch", 1), ("grad_accum", 1), ("eval_windows", 1), ("log_every", 1)):
         value = getattr(args, flag)
@@ -198,7 +200,7 @@ def check_args(args: argparse.Namespace, world: int) -> dict:
         check_out_dir(out, args.overwrite)
 
     where = resolve_model_path(args.model)
-    check_plan(folder_plan(where) if isinstance(where, Path) and where.is_dir() else None, args.trainable)
+    check_plan(read_plan(where) if isinstance(where, Path) and where.is_dir() else None, args.trainable)
     tokens = resolve_tokens(args)
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     budget = make_budget(tokens, args.seq_len, micro, accum, world)
@@ -246,11 +248,6 @@ def check_resume(state: dict, settings: dict) -> None:
                 f"--resume with {key} = {settings[key]!r}, but the run in --out used {saved[key]!r}; "
                 "resume with the same settings or start a new --out"
             )
-
-
-def format_table(rows: list[tuple[str, object]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 # ------------------------------------------------------------ pieces of the run

@@ -13,8 +13,6 @@ so ZeRO-3 builds optimizer partitions for the trainable tensors only.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prunext.core.plan import Plan
@@ -37,20 +35,6 @@ def wants(name: str, mode: str) -> bool:
     if mode == "adapters":
         return is_owned(name) and name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
     raise ValueError(f"unknown --trainable {mode!r}")
-
-
-def folder_plan(folder: Path | str) -> Plan | None:
-    """The plan in a native folder's config.json without loading weights; None for other models."""
-    config = Path(folder) / "config.json"
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if data.get("model_type") != "prunext":
-        return None
-    if data.get("prunext_plan") is None:
-        return Plan.identity(int(data["num_hidden_layers"]))
-    return Plan.from_dict(data["prunext_plan"])
 
 
 def check_plan(plan: Plan | None, mode: str) -> None:

@@ -8,7 +8,7 @@ import pytest
 from prunext.core.checkpoint import build_from_hf
 from prunext.core.plan import Plan
 from prunext.errors import UserError
-from prunext.train.trainable import check_plan, executed_params, folder_plan, freeze, wants
+from prunext.train.trainable import check_plan, executed_params, freeze, wants
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import tiny_plan  # noqa: E402
@@ -62,10 +62,10 @@ def test_check_plan(tmp_path):
         check_plan(Plan.identity(3), "adapters")
 
 
-def test_folder_plan_reads_config_only(tmp_path, tiny_hf):
-    from prunext.core.checkpoint import save_native
+def test_read_plan_reads_config_only(tmp_path, tiny_hf):
+    from prunext.core.checkpoint import read_plan, save_native
 
     save_native(build_from_hf(tiny_hf(layers=4), tiny_plan()), tmp_path / "m")
-    assert folder_plan(tmp_path / "m") == tiny_plan()
+    assert read_plan(tmp_path / "m") == tiny_plan()
     tiny_hf(layers=2).save_pretrained(tmp_path / "hf")
-    assert folder_plan(tmp_path / "hf") is None
+    assert read_plan(tmp_path / "hf") is None
