@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, help="training blocks per rank per step")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--lr", type=float, help="peak lr of the adapter/norm healing runs (default: prunext train's, 4e-3)")
+    p.add_argument("--norm-lr", type=float, help="peak lr of the output-norm scales in adapter/norm healing runs (default: --lr)")
     p.add_argument("--lr-all", type=float, help="peak lr of --trainable all runs (streamline; default: prunext train's, 1e-4)")
     p.add_argument("--seed", type=int, default=0, help="prune and train seed (default 0)")
     p.add_argument("--keep-models", action="store_true", help="keep healed model weights (default: deleted after evaluation)")
@@ -283,7 +284,9 @@ def main() -> int:
                 train_cmd = ["train", "--model", str(pruned), "--data", TRAIN_DATA, "--tokens", str(budget),
                              "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--trainable", trainable,
                              "--seed", str(args.seed), "--save-every", "1000000000", "--log-every", "1",
-                             *(["--lr", str(lr)] if lr is not None else []), "--out", str(heal / "run"), "--overwrite"]  # fmt: skip
+                             *(["--lr", str(lr)] if lr is not None else []),
+                             *(["--norm-lr", str(args.norm_lr)] if args.norm_lr is not None and trainable != "all" else []),
+                             "--out", str(heal / "run"), "--overwrite"]  # fmt: skip
                 key = {"train": train_cmd, "nproc": args.nproc, "prune": pr["command"], "device": args.device}
 
                 def do_heal(train_cmd=train_cmd, heal=heal) -> dict:

@@ -21,6 +21,11 @@ VERBS: dict[str, str] = {
     "demo": "prunext.demo",
 }
 
+#: What to do after another rank was lost, by verb (the default: run the command again).
+LOST_RANK_ADVICE = {
+    "train": "run the same command with --resume to continue from the newest complete checkpoint in --out",
+}
+
 DESCRIPTION = """\
 prunext makes large language models smaller and small ones deeper by depth,
 with weight-shared blocks and low-rank adapters (FlexiGPT), and trains the
@@ -66,10 +71,13 @@ def setup_logging(debug: bool = False) -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not debug:
+        # Each retry of an unreachable hub is a warning; the error that follows says it in one line.
+        logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one verb; a user's mistake exits 2 with one line on stderr."""
+    """Run one verb; a user's mistake exits 2 with one line on stderr, a lost rank 1 with one line."""
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
     from prunext.errors import UserError
@@ -84,6 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"prunext {args.verb}: interrupted; outputs are written atomically, nothing partial was left", file=sys.stderr)
         return 130
+    except Exception as e:
+        # A rank that died makes the others fail in a collective; say so instead of showing gloo's traceback.
+        from prunext.train.dist import lost_rank_message, lost_rank_reason
+
+        reason = lost_rank_reason(e)
+        if reason is None or args.debug:
+            raise
+        advice = LOST_RANK_ADVICE.get(args.verb, "run the command again")
+        print(f"prunext {args.verb}: error: {lost_rank_message(reason, advice)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

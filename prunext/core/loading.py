@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from prunext.cache import cache_dir
 from prunext.core.checkpoint import build_from_hf, load_native, save_native
@@ -178,6 +179,11 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(str(where))
     except (OSError, ValueError) as e:
+        if isinstance(where, str) and _hub_unreachable(e):
+            raise ModelError(
+                f"model '{spec}' is not a local path, and the Hugging Face hub could not be reached (offline mode or no network); "
+                "pass a local model folder, a .gguf file or builtin:smollm2-135m, or check your network"
+            ) from e
         raise ModelError(
             f"could not load model '{spec}' locally or from the Hugging Face hub ({str(e).splitlines()[0]}); "
             "check the name, your network, or give a local folder"
@@ -185,10 +191,21 @@ def load_model(
     check_family(config.model_type)
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise ModelError(f"could not load the weights of '{spec}' ({str(e).splitlines()[0]}); the folder may be incomplete or corrupt") from e
     model = build_from_hf(hf_model.eval(), Plan.identity(config.num_hidden_layers))
     return model.to(device), _load_tokenizer(where)
+
+
+def _hub_unreachable(error: BaseException | None) -> bool:
+    """Whether a hub look-up failed for want of a connection (HF_HUB_OFFLINE included), not for want of the model."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    while error is not None:
+        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

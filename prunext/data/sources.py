@@ -173,8 +173,15 @@ def _load_hub(spec: str, streaming: bool) -> datasets.Dataset | datasets.Iterabl
     try:
         return datasets.load_dataset(hub.name, hub.config, split=hub.split, streaming=streaming)
     # OSError covers no connection, offline mode, unknown repositories and HTTP
-    # errors; ValueError covers an unknown config or split.
+    # errors (ConnectionError: the hub could not be reached, HF_HUB_OFFLINE=1
+    # included); ValueError covers an unknown config or split.
     except (OSError, ValueError) as error:
+        if isinstance(error, ConnectionError):
+            raise DataError(
+                f"data {spec!r} is not a local file or folder, and the Hugging Face hub could not be reached "
+                f"(offline mode or no network); check your network, or give local data or builtin:wiki instead "
+                f"(accepted forms: {ACCEPTED_FORMS})."
+            ) from error
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(
             f"data {spec!r} is not a local file or folder and could not be loaded from the "

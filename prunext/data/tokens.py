@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from prunext.errors import DataError, UserError
+from prunext.errors import DataError, ModelError, UserError
 
 BATCH_DOCS = 256
 # Below this many tokens a stream takes seconds; a progress bar would be noise.
@@ -119,4 +119,40 @@ def check_vocab(tokens: torch.Tensor, vocab_size: int) -> None:
         raise DataError(
             f"token id {bad} is outside the model's vocabulary of {vocab_size}; "
             "the tokenizer does not match the model, so use the model's own tokenizer."
+        )
+
+
+def tokenizer_max_id(tokenizer) -> int:
+    """The largest id a tokenizer gives ordinary text: its base vocabulary, BOS and EOS.
+
+    Tokens added on top of the base vocabulary (chat markers, a pad token) are
+    left out: text rarely spells them, and models often list a few beyond
+    their embedding table without harm. :func:`check_vocab` still catches one
+    that a data set does produce.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        ids = list(backend.get_vocab(with_added_tokens=False).values())
+    else:  # a slow (Python) tokenizer numbers its base vocabulary 0 .. vocab_size - 1
+        ids = [tokenizer.vocab_size - 1]
+    ids += [i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None]
+    return max(ids)
+
+
+def check_tokenizer(tokenizer, vocab_size: int, spec: str) -> None:
+    """Refuse a tokenizer that can give ids the model has no embedding for, before any text is read.
+
+    Args:
+        tokenizer: The model's Hugging Face tokenizer.
+        vocab_size (int): The model's vocabulary size (rows of its embedding table).
+        spec (str): The model as the user named it, for the message.
+
+    Raises:
+        ModelError: If the tokenizer's base vocabulary, BOS or EOS reaches ``vocab_size``.
+    """
+    top = tokenizer_max_id(tokenizer)
+    if top >= vocab_size:
+        raise ModelError(
+            f"the tokenizer of '{spec}' gives token ids up to {top}, outside the model's vocabulary of {vocab_size}; "
+            "the tokenizer does not match the model, so save the model's own tokenizer with it."
         )

@@ -79,15 +79,14 @@ def task_list(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def evaluate_perplexity(model, tokenizer, data: str, seq_len: int, max_tokens: int | None, batch_size: int):
-    """Tokenize ``data`` by the convention and return a :class:`PerplexityResult`."""
-    from prunext.data import check_vocab, load_text_dataset, token_stream, windows
+def evaluate_perplexity(model, tokenizer, data, name: str, seq_len: int, max_tokens: int | None, batch_size: int):
+    """Tokenize the data set ``data`` (spec ``name``) by the convention and return a :class:`PerplexityResult`."""
+    from prunext.data import check_vocab, token_stream, windows
     from prunext.eval.perplexity import perplexity
 
-    texts = load_text_dataset(data)["text"]
-    tokens = token_stream(texts, tokenizer, max_tokens=max_tokens)
+    tokens = token_stream(data["text"], tokenizer, max_tokens=max_tokens)
     check_vocab(tokens, model.config.vocab_size)
-    return perplexity(model, windows(tokens, seq_len), dataset=data, batch_size=batch_size)
+    return perplexity(model, windows(tokens, seq_len), dataset=name, batch_size=batch_size)
 
 
 def run(args) -> int:
@@ -96,18 +95,21 @@ def run(args) -> int:
     import torch
 
     from prunext.core.loading import load_model, require_tokenizer
+    from prunext.data import check_tokenizer, load_text_dataset
     from prunext.fsutil import write_json_atomic
 
     log = logging.getLogger(__name__)
     check_arguments(args)
+    ppl_data = load_text_dataset(args.ppl) if args.ppl else None  # a bad --ppl is refused before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     tokenizer = require_tokenizer(tokenizer, args.model)
+    check_tokenizer(tokenizer, model.config.vocab_size, args.model)  # lm-eval's --tasks path has no check of its own
     report: dict = {"model": args.model}
 
     if args.ppl:
         log.info("perplexity of %s (%d positions) on %s", args.model, model.config.num_hidden_layers, args.ppl)
-        result = evaluate_perplexity(model, tokenizer, args.ppl, args.seq_len, args.max_tokens, args.batch_size)
+        result = evaluate_perplexity(model, tokenizer, ppl_data, args.ppl, args.seq_len, args.max_tokens, args.batch_size)
         print(
             format_table(
                 [

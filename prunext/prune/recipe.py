@@ -164,11 +164,10 @@ def _tokenizer(folder):
         raise ModelError(f"no usable tokenizer in '{folder}' ({str(e).splitlines()[0]}); save the tokenizer with the model") from e
 
 
-def calibration_windows(args: argparse.Namespace, tokenizer, vocab_size: int):
-    """``--calib`` -> (n, seq_len) token windows, at most ``--calib-tokens`` tokens."""
-    from prunext.data import check_vocab, load_text_dataset, token_stream, windows
+def calibration_windows(args: argparse.Namespace, data, tokenizer, vocab_size: int):
+    """The ``--calib`` data set -> (n, seq_len) token windows, at most ``--calib-tokens`` tokens."""
+    from prunext.data import check_vocab, token_stream, windows
 
-    data = load_text_dataset(args.calib)
     tokens = token_stream(data["text"], tokenizer, max_tokens=args.calib_tokens)
     if tokens.numel() < args.calib_tokens:
         log.warning("--calib %s holds only %d tokens (asked for %d)", args.calib, tokens.numel(), args.calib_tokens)
@@ -220,6 +219,7 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
 
     from prunext.core.checkpoint import write_native
     from prunext.core.loading import load_model, require_tokenizer
+    from prunext.data import check_tokenizer, load_text_dataset
     from prunext.fsutil import atomic_dir
     from prunext.prune import methods, report
     from prunext.tables import format_table
@@ -227,6 +227,7 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
     from prunext.prune.ratio import ModelSizes, plan_budget
 
     # setup
+    calib_data = load_text_dataset(args.calib)  # a bad --calib is refused before the model loads
     dtype = getattr(torch, args.dtype)
     source = folder = None
     if args.offload:
@@ -238,6 +239,7 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
         methods.check_source(source)
         sizes, config = ModelSizes.from_model(source), source.config
     tokenizer = require_tokenizer(tokenizer, args.model)
+    check_tokenizer(tokenizer, config.vocab_size, args.model)
     flexigpt = args.method == "flexigpt"
     adapter_rank = args.adapter_rank or max(1, sizes.hidden_size // 16)
     filter_rank = None if args.no_filter else (args.filter_rank or max(1, sizes.hidden_size // 16))
@@ -274,7 +276,7 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
         print("prunext prune settings:\n" + format_table([(k, v) for k, v in settings.items() if v is not None]), flush=True)
 
     # run: score
-    calib = calibration_windows(args, tokenizer, config.vocab_size)
+    calib = calibration_windows(args, calib_data, tokenizer, config.vocab_size)
     settings["calib_windows"] = calib.shape[0]
     timings = {}
     start = time.perf_counter()

@@ -10,18 +10,30 @@
 The backend is DeepSpeed's choice for the accelerator: NCCL on CUDA, gloo on
 CPU (oneCCL when ``oneccl_bindings_for_pytorch`` is installed). Every
 collective has a timeout (``--dist-timeout``), so when a rank dies the others
-fail with an error instead of waiting forever.
+fail with an error instead of waiting forever: at once when its connections
+close (a killed process), after the timeout when it hangs or its node drops
+off the network. :func:`lost_rank_reason` tells that error from a bug, so the
+command line can say what happened in one line.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import warnings
 from datetime import timedelta
 
 log = logging.getLogger(__name__)
+
+#: The collective timeout of this process's group, once :func:`init` has made a group of two or more ranks.
+_group_timeout_s: float | None = None
+#: How gloo and NCCL word a collective whose peer is gone: its connection closed, or it went quiet past the timeout.
+_LOST_PEER = re.compile(
+    r"connection (reset|closed|refused)|broken pipe|timed out|timeout|communicator was aborted|remote process exited",
+    re.IGNORECASE,
+)
 
 
 def free_port() -> int:
@@ -79,7 +91,46 @@ def init(timeout_s: float, debug: bool = False) -> tuple[int, int, int]:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=debug)
+    global _group_timeout_s
+    if dist.get_world_size() > 1:
+        _group_timeout_s = timeout_s
     return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+
+
+def lost_rank_reason(error: BaseException) -> str | None:
+    """What went wrong, in a few words, when ``error`` is a collective failing because another rank is gone.
+
+    Only errors raised after :func:`init` formed a group of two or more ranks
+    count: the same words while the group is being formed (a port in use, a
+    wrong address) are set-up mistakes with their own messages.
+
+    Returns:
+        The backend's first line without its source location (``Read error
+        [10.0.0.2]:41234: Connection reset by peer``), or None for any other error.
+    """
+    import torch.distributed as dist
+
+    if _group_timeout_s is None:
+        return None
+    seen = set()
+    while error is not None and id(error) not in seen:  # DeepSpeed may re-raise the backend's error inside its own
+        seen.add(id(error))
+        text = str(error).strip()
+        if isinstance(error, RuntimeError) and (isinstance(error, dist.DistError) or _LOST_PEER.search(text)):
+            first = text.splitlines()[0] if text else type(error).__name__
+            first = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", first)  # gloo's "[.../pair.cc:537] "
+            return first.split(". ")[0].rstrip(".")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def lost_rank_message(reason: str, advice: str) -> str:
+    """The one line a surviving rank prints: what happened, where to look, what to do."""
+    return (
+        f"lost contact with another rank ({reason}): it stopped, crashed, hung for more than --dist-timeout "
+        f"{_group_timeout_s:g} s, or its node became unreachable, so this rank stopped too; "
+        f"see that rank's log for why, then {advice}"
+    )
 
 
 def on_gpu() -> bool:

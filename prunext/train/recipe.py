@@ -39,6 +39,10 @@ budget: --tokens N (50000, 50M, 1B) or --token-fraction F of the base model's pr
   packed into --seq-len blocks (EOS between documents, no padding, labels = inputs), shuffled by
   --seed, repeated with a new shuffle per epoch when the budget needs more blocks than the data has.
 
+per-group learning rates: the output-norm scales, the LoRA adapters and the base weights are three
+  AdamW groups; --norm-lr / --adapter-lr (and --norm-warmup / --adapter-warmup) set a group's peak lr
+  and warmup, the rest follow --lr / --warmup. The schedule's shape (--schedule) is shared.
+
 trainable: replacement (default; adapters + output norms, what prune/extend added), adapters,
   all (everything; a shared block's gradient is the sum over the positions that run it).
 
@@ -54,6 +58,7 @@ ADAM_EPS = 1e-8
 RESUME_KEYS = (
     "model", "data", "seq_len", "micro_batch", "grad_accum", "world_size", "seed", "tokens",
     "trainable", "lr", "schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
+    "norm_lr", "adapter_lr", "norm_warmup_steps", "adapter_warmup_steps",
 )
 
 
@@ -76,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default: the config's, else 1)")
     opt = parser.add_argument_group("optimizer and schedule (AdamW, betas 0.9/0.95)")
     opt.add_argument("--lr", type=float, default=None, help="peak learning rate (default 4e-3 for replacement/adapters as in FlexiGPT, 1e-4 for all)")
+    opt.add_argument("--norm-lr", type=float, default=None, metavar="LR",
+                     help="peak lr of the output-norm scales (default --lr); a larger one lets a small initial scale open quickly")
+    opt.add_argument("--adapter-lr", type=float, default=None, metavar="LR", help="peak lr of the LoRA adapters (default --lr)")
+    opt.add_argument("--norm-warmup", type=float, default=None, metavar="W", help="warmup of the output-norm group, as --warmup (default --warmup)")
+    opt.add_argument("--adapter-warmup", type=float, default=None, metavar="W", help="warmup of the adapter group, as --warmup (default --warmup)")
     opt.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="decay after warmup (default cosine)")
     opt.add_argument("--warmup", type=float, default=0.05, help="warmup steps, or a fraction of the steps when < 1 (default 0.05)")
     opt.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr for cosine/linear (default 0.1)")
@@ -171,6 +181,14 @@ def check_args(args: argparse.Namespace, world: int) -> dict:
     for flag, value in (("warmup", args.warmup), ("weight-decay", args.weight_decay), ("max-grad-norm", args.max_grad_norm)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UserError(f"--{flag} {value} must be a number >= 0")
+    for flag in ("norm_lr", "adapter_lr"):
+        value = getattr(args, flag, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{flag.replace('_', '-')} {value} must be a positive number")
+    for flag in ("norm_warmup", "adapter_warmup"):
+        value = getattr(args, flag, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{flag.replace('_', '-')} {value} must be a number >= 0")
     if not (0 <= args.min_lr_ratio <= 1):
         raise UserError(f"--min-lr-ratio {args.min_lr_ratio} must be in [0, 1]")
     if args.dist_timeout <= 0:
@@ -229,6 +247,10 @@ def check_args(args: argparse.Namespace, world: int) -> dict:
         "dtype": dsconfig.config_dtype(ds_config),
         "zero_stage": dsconfig.zero_stage(ds_config),
         "warmup_steps": warmup_steps(args.warmup, budget.steps),
+        "norm_lr": getattr(args, "norm_lr", None),
+        "adapter_lr": getattr(args, "adapter_lr", None),
+        "norm_warmup_steps": None if getattr(args, "norm_warmup", None) is None else warmup_steps(args.norm_warmup, budget.steps),
+        "adapter_warmup_steps": None if getattr(args, "adapter_warmup", None) is None else warmup_steps(args.adapter_warmup, budget.steps),
         "_ds_config": ds_config,
         "_budget": budget,
         "_dataset": dataset,
@@ -251,12 +273,29 @@ def check_resume(state: dict, settings: dict) -> None:
 
 
 # ------------------------------------------------------------ pieces of the run
-def make_optimizer(params: list, settings: dict, ds_config: dict):
-    """AdamW over the trainable tensors: DeepSpeed's CPU Adam when optimizer states are offloaded, else torch's."""
+def group_lrs(settings: dict, groups) -> list[tuple[float, int]]:
+    """(peak lr, warm-up steps) of each optimizer group: ``--norm-lr``/``--adapter-lr`` where given, else ``--lr``."""
+    out = []
+    for g in groups:
+        key = {"norms": "norm", "adapters": "adapter"}.get(g)
+        lr = settings.get(f"{key}_lr") if key else None
+        warmup = settings.get(f"{key}_warmup_steps") if key else None
+        out.append((settings["lr"] if lr is None else lr, settings["warmup_steps"] if warmup is None else warmup))
+    return out
+
+
+def make_optimizer(params: list | dict[str, list], settings: dict, ds_config: dict):
+    """AdamW over the trainable tensors: DeepSpeed's CPU Adam when optimizer states are offloaded, else torch's.
+
+    ``params``: a list (one group at ``settings["lr"]``) or :func:`prunext.train.trainable.param_groups`'s
+    dict, which becomes one parameter group per kind with its own peak lr (see :func:`group_lrs`).
+    """
     import torch
 
     from prunext.train.dsconfig import offloads_optimizer
 
+    if isinstance(params, dict):
+        params = [{"params": ps, "lr": lr, "name": g} for (g, ps), (lr, _) in zip(params.items(), group_lrs(settings, params))]
     kwargs = {"lr": settings["lr"], "betas": ADAM_BETAS, "eps": ADAM_EPS, "weight_decay": settings["weight_decay"]}
     if offloads_optimizer(ds_config):
         try:
@@ -330,11 +369,13 @@ def load_for_training(args: argparse.Namespace, settings: dict):
     import torch
 
     from prunext.core.loading import load_model, require_tokenizer
+    from prunext.data import check_tokenizer
     from prunext.train.trainable import executed_params, freeze
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, settings["dtype"]))
     tokenizer = require_tokenizer(tokenizer, args.model)
+    check_tokenizer(tokenizer, model.config.vocab_size, args.model)  # before --out is made or any text is read
     trainable, total = freeze(model, args.trainable)
     counts = {"trainable_params": trainable, "total_params": total, "executed_params": executed_params(model)}
     model.config.use_cache = False
@@ -349,12 +390,15 @@ def start_engine(model, settings: dict, ds_config: dict, budget, args: argparse.
     import deepspeed
 
     from prunext.train.schedule import make_scheduler
+    from prunext.train.trainable import param_groups
 
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings, ds_config)
+    groups = param_groups(model)
+    optimizer = make_optimizer(groups, settings, ds_config)
+    warmups = [w for _, w in group_lrs(settings, groups)]
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        lr_scheduler=lambda opt: make_scheduler(opt, budget.steps, settings["warmup_steps"], args.schedule, args.min_lr_ratio),
+        lr_scheduler=lambda opt: make_scheduler(opt, budget.steps, warmups, args.schedule, args.min_lr_ratio),
         config=ds_config,
     )
     return engine
@@ -451,7 +495,8 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
     try:
         while step < stop:
             t0 = time.perf_counter()
-            lr = engine.get_lr()[0]
+            lrs = engine.get_lr()  # one per optimizer group: norms, adapters, base (those present)
+            lr = lrs[-1]
             loss = train_step(engine, order, step, rank, world, skips_allowed=settings["dtype"] == "float16")
             step += 1
             tok_s = budget.tokens_per_step / (time.perf_counter() - t0)
@@ -460,6 +505,7 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
                 "step": step,
                 "loss": loss,
                 "lr": lr,
+                **({"group_lrs": lrs} if len(lrs) > 1 else {}),
                 "tokens": step * budget.tokens_per_step,
                 "tokens_per_s": tok_s,
                 "grad_norm": None if grad_norm is None else float(grad_norm),

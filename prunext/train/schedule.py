@@ -34,8 +34,12 @@ def warmup_steps(warmup: float, total: int) -> int:
     return int(warmup) if warmup >= 1 else int(math.ceil(warmup * total))
 
 
-def make_scheduler(optimizer, total: int, warmup: int, kind: str, min_ratio: float):
-    """A ``LambdaLR`` over ``optimizer`` (DeepSpeed steps it at each accumulation boundary)."""
+def make_scheduler(optimizer, total: int, warmup: int | list[int], kind: str, min_ratio: float):
+    """A ``LambdaLR`` over ``optimizer`` (DeepSpeed steps it at each accumulation boundary).
+
+    ``warmup``: one count for every parameter group, or one per group (in the optimizer's order).
+    """
     from torch.optim.lr_scheduler import LambdaLR
 
-    return LambdaLR(optimizer, lambda i: lr_factor(i, total, warmup, kind, min_ratio))
+    warmups = warmup if isinstance(warmup, list) else [warmup] * len(optimizer.param_groups)
+    return LambdaLR(optimizer, [lambda i, w=w: lr_factor(i, total, w, kind, min_ratio) for w in warmups])

@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # kept out of module import so `prunext --help` stays fast
     from torch import nn
 
 TRAINABLE = ("replacement", "adapters", "all")
+#: Optimizer parameter groups, each with its own learning rate and warm-up (``--norm-lr``, ``--adapter-lr``).
+GROUPS = ("norms", "adapters", "base")
 
 
 def wants(name: str, mode: str) -> bool:
@@ -35,6 +37,24 @@ def wants(name: str, mode: str) -> bool:
     if mode == "adapters":
         return is_owned(name) and name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
     raise ValueError(f"unknown --trainable {mode!r}")
+
+
+def group_of(name: str) -> str:
+    """The optimizer group of parameter ``name``: ``norms`` (output norms), ``adapters`` (LoRA) or ``base``."""
+    from prunext.core.model import is_owned
+
+    if not is_owned(name):
+        return "base"
+    return "adapters" if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B") else "norms"
+
+
+def param_groups(model: nn.Module) -> dict[str, list]:
+    """The trainable parameters split into :data:`GROUPS` (empty groups left out), each shared tensor once."""
+    groups: dict[str, list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault(group_of(name), []).append(param)
+    return {g: groups[g] for g in GROUPS if g in groups}
 
 
 def check_plan(plan: Plan | None, mode: str) -> None:
