@@ -255,6 +255,7 @@ def check_args(args: argparse.Namespace, world: int) -> dict:
         "_budget": budget,
         "_dataset": dataset,
         "_resume": resume_state,
+        "_out_created": not out.exists(),  # every rank checks before any makes it (the process group forms after)
     }
     if resume_state is not None:
         check_resume(resume_state, settings)
@@ -465,6 +466,7 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
     out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
     ds_config, budget = settings.pop("_ds_config"), settings.pop("_budget")
     dataset, resume = settings.pop("_dataset"), settings.pop("_resume")
+    created_out = settings.pop("_out_created")
 
     # ---- setup: model, data, engine
     model, tokenizer, counts = load_for_training(args, settings)
@@ -472,9 +474,16 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
     if args.overwrite:
         clear_out(out, rank)
     out.mkdir(parents=True, exist_ok=True)
-    tokens = prepare_tokens(dataset, tokenizer, settings, budget, out, local_rank, long_wait_group(max(args.dist_timeout, 6 * 3600)))
-    order = BlockOrder(tokens, args.seq_len, budget, args.seed)
-    held_out = eval_windows(args.eval_data, tokenizer, args.seq_len, args.eval_windows, model.config.vocab_size) if args.eval_every else None
+    try:  # the data are read only now: a folder this run made is removed again when they are refused
+        tokens = prepare_tokens(dataset, tokenizer, settings, budget, out, local_rank, long_wait_group(max(args.dist_timeout, 6 * 3600)))
+        order = BlockOrder(tokens, args.seq_len, budget, args.seed)
+        held_out = eval_windows(args.eval_data, tokenizer, args.seq_len, args.eval_windows, model.config.vocab_size) if args.eval_every else None
+    except UserError:
+        if created_out and rank == 0:
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     engine = start_engine(model, settings, ds_config, budget, args)
     start_step = resume_engine(engine, ckpt_dir, resume, rank) if resume is not None else 0
     settings.update(steps=budget.steps, tokens_per_step=budget.tokens_per_step, tokens_used=budget.tokens,

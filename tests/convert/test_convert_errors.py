@@ -89,3 +89,18 @@ def test_no_complete_checkpoint(run, tmp_path, capsys):
         (ckpt / tag / STATE_FILE).unlink()
     line = _refused(capsys, ckpt, tmp_path / "out", "--model", run / "model")
     assert "has no complete checkpoint" in line and "step1: no prunext_state.json" in line
+
+
+def test_not_zero3(run, tmp_path, capsys):
+    """A checkpoint whose optimizer states say ZeRO stage 2 (as another trainer's would) is refused by name."""
+    import torch
+
+    ckpt = _copy_checkpoints(run, tmp_path)
+    for optim in (ckpt / "step2").glob("*optim_states.pt"):
+        state = torch.load(optim, map_location="cpu", weights_only=False)
+        inner = state["optimizer_state_dict"]
+        inner["zero_stage"] = 2
+        inner["single_partition_of_fp32_groups"] = inner["fp32_flat_groups"]
+        torch.save(state, optim)
+    line = _refused(capsys, ckpt, tmp_path / "out", "--model", run / "model", "--tag", "step2")
+    assert "is ZeRO stage 2; this converter reads ZeRO-3 checkpoints" in line

@@ -131,3 +131,36 @@ def test_real_command_line_prints_one_line(inputs):
     assert proc.returncode == 2, tiny.tail(proc)
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
     assert "is not valid JSON/hjson" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_data_refused_after_setup_leaves_no_out_folder(tmp_path):
+    """Data too short for one block is only known once tokenized: the run's new --out is removed again."""
+    model = tiny.build_tiny_pruned(tmp_path / "model")
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.\n")
+    out = tmp_path / "run"
+    proc = tiny.run([sys.executable, "-m", "prunext", "train", *tiny.train_args(model, short, out, "--tokens", "256")])
+    assert proc.returncode == 2, tiny.tail(proc)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("prunext train: error: ")]
+    assert len(err) == 1 and "fewer than one block" in err[0], tiny.tail(proc)
+    assert not out.exists()
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path):
+    """A model whose output norm holds NaN gives a NaN loss at step 1: one line naming it, exit 2."""
+    import torch
+
+    from prunext.core.checkpoint import load_native, save_native
+
+    model = load_native(tiny.build_tiny_pruned(tmp_path / "model"))
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "out_norm" in n).fill_(float("nan"))
+    save_native(model, tmp_path / "nan_model", tokenizer=None, overwrite=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tmp_path / "model" / name).exists():
+            (tmp_path / "nan_model" / name).write_bytes((tmp_path / "model" / name).read_bytes())
+    text, out = tiny.write_text(tmp_path / "text.txt"), tmp_path / "run"
+    proc = tiny.run([sys.executable, "-m", "prunext", "train", *tiny.train_args(tmp_path / "nan_model", text, out, "--tokens", "256")])
+    assert proc.returncode == 2, tiny.tail(proc)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("prunext train: error: ")]
+    assert len(err) == 1 and "the loss is nan at step 1" in err[0] and "Last good checkpoint: none" in err[0], tiny.tail(proc)
