@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--lr", type=float, help="peak lr of the adapter/norm healing runs (default: prunext train's, 4e-3)")
     p.add_argument("--norm-lr", type=float, help="peak lr of the output-norm scales in adapter/norm healing runs (default: --lr)")
+    p.add_argument("--loss", choices=["lm", "kd", "lm+kd"], default="lm", help="healing loss (prunext train --loss; default lm)")
     p.add_argument("--lr-all", type=float, help="peak lr of --trainable all runs (streamline; default: prunext train's, 1e-4)")
     p.add_argument("--seed", type=int, default=0, help="prune and train seed (default 0)")
     p.add_argument("--keep-models", action="store_true", help="keep healed model weights (default: deleted after evaluation)")
@@ -286,6 +287,7 @@ def main() -> int:
                              "--seed", str(args.seed), "--save-every", "1000000000", "--log-every", "1",
                              *(["--lr", str(lr)] if lr is not None else []),
                              *(["--norm-lr", str(args.norm_lr)] if args.norm_lr is not None and trainable != "all" else []),
+                             *(["--loss", args.loss] if args.loss != "lm" else []),
                              "--out", str(heal / "run"), "--overwrite"]  # fmt: skip
                 key = {"train": train_cmd, "nproc": args.nproc, "prune": pr["command"], "device": args.device}
 

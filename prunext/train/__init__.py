@@ -6,6 +6,7 @@
 - :mod:`prunext.train.trainable`: what ``--trainable`` trains.
 - :mod:`prunext.train.schedule`: warmup + cosine/linear/constant learning rate.
 - :mod:`prunext.train.loop`: one optimizer step and one evaluation pass on the engine.
+- :mod:`prunext.train.objective`: the loss: LM, logit distillation from a teacher, or both.
 - :mod:`prunext.train.checkpoints`: checkpoints whose ``latest`` names only complete tags.
 - :mod:`prunext.train.metrics`: ``metrics.jsonl``, MFU, wandb.
 - :mod:`prunext.train.dist`: process-group set-up under torchrun, deepspeed or plain python.

@@ -21,7 +21,9 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or inf; the step was not applied."""
 
 
-def train_step(engine, order: BlockOrder, step: int, rank: int, world: int, skips_allowed: bool = False) -> float:
+def train_step(
+    engine, order: BlockOrder, step: int, rank: int, world: int, skips_allowed: bool = False, objective=None, parts: dict | None = None
+) -> float:
     """Run 0-based optimizer step ``step``: ``accum`` forward/backward passes, then the update.
 
     The global mean loss is all-reduced before the last backward, so a
@@ -31,6 +33,10 @@ def train_step(engine, order: BlockOrder, step: int, rank: int, world: int, skip
     skip is routine (``skips_allowed``), that is divergence too, and the
     schedule would silently fall behind, so it stops the run as well.
 
+    Args:
+        objective: a :class:`prunext.train.objective.Objective` (None: the model's LM loss).
+        parts: when given, filled with the global means of the objective's parts (``lm``, ``kd``).
+
     Returns:
         The mean loss over the global batch.
 
@@ -39,15 +45,24 @@ def train_step(engine, order: BlockOrder, step: int, rank: int, world: int, skip
     """
     blocks = order.step_blocks(step, rank)  # (accum, micro)
     accum = blocks.shape[0]
-    losses = []
+    losses, sums = [], {}
     for a in range(accum):
         input_ids = order.batch(blocks[a]).to(engine.device)  # (micro, seq)
-        loss = engine(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        if objective is None:
+            loss = engine(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        else:
+            loss, own = objective(engine, input_ids)
+            for key, value in own.items():
+                sums[key] = sums.get(key, 0.0) + value
         losses.append(loss.detach().float())
         if a == accum - 1:
-            total = torch.stack(losses).sum().reshape(1)
+            keys = sorted(sums)
+            extra = torch.tensor([sums[k] for k in keys], dtype=torch.float32, device=losses[0].device)
+            total = torch.cat([torch.stack(losses).sum().reshape(1), extra])
             dist.all_reduce(total)
-            mean = total.item() / (accum * world)
+            mean = total[0].item() / (accum * world)
+            if parts is not None:
+                parts.update({k: total[1 + i].item() / (accum * world) for i, k in enumerate(keys)})
             if not math.isfinite(mean):
                 raise NonFiniteLoss(f"the loss is {mean} at step {step + 1}")
         engine.backward(loss)

@@ -43,6 +43,10 @@ per-group learning rates: the output-norm scales, the LoRA adapters and the base
   AdamW groups; --norm-lr / --adapter-lr (and --norm-warmup / --adapter-warmup) set a group's peak lr
   and warmup, the rest follow --lr / --warmup. The schedule's shape (--schedule) is shared.
 
+loss: lm (default) trains on the next token; kd distils the logits of --teacher (default: the model
+  the folder was pruned/extended from, per its prune/extend report), run on the same batch as a second
+  ZeRO-3 engine (sharded, no optimizer; about one more forward per step); lm+kd adds both.
+
 trainable: replacement (default; adapters + output norms, what prune/extend added), adapters,
   all (everything; a shared block's gradient is the sum over the positions that run it).
 
@@ -58,11 +62,12 @@ ADAM_EPS = 1e-8
 RESUME_KEYS = (
     "model", "data", "seq_len", "micro_batch", "grad_accum", "world_size", "seed", "tokens",
     "trainable", "lr", "schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
-    "norm_lr", "adapter_lr", "norm_warmup_steps", "adapter_warmup_steps",
+    "norm_lr", "adapter_lr", "norm_warmup_steps", "adapter_warmup_steps", "loss", "teacher", "kd_weight", "kd_temperature",
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from prunext.train.objective import LOSSES
     from prunext.train.schedule import SCHEDULES
     from prunext.train.trainable import TRAINABLE
 
@@ -86,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--adapter-lr", type=float, default=None, metavar="LR", help="peak lr of the LoRA adapters (default --lr)")
     opt.add_argument("--norm-warmup", type=float, default=None, metavar="W", help="warmup of the output-norm group, as --warmup (default --warmup)")
     opt.add_argument("--adapter-warmup", type=float, default=None, metavar="W", help="warmup of the adapter group, as --warmup (default --warmup)")
+    opt.add_argument("--loss", choices=LOSSES, default="lm",
+                     help="lm (next-token, default), kd (logit distillation from --teacher), lm+kd (lm + --kd-weight x kd)")
+    opt.add_argument("--teacher", default=None, metavar="MODEL",
+                     help="teacher for kd (default: the model --model was pruned or extended from, per its report)")
+    opt.add_argument("--kd-weight", type=float, default=1.0, help="weight of the kd term in lm+kd (default 1)")
+    opt.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature (default 1)")
     opt.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="decay after warmup (default cosine)")
     opt.add_argument("--warmup", type=float, default=0.05, help="warmup steps, or a fraction of the steps when < 1 (default 0.05)")
     opt.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr for cosine/linear (default 0.1)")
@@ -129,6 +140,38 @@ def _builtin_base(spec: str, hops: int = 5) -> str | None:
         except (OSError, json.JSONDecodeError, KeyError):
             return None
     return None
+
+
+def resolve_teacher(args: argparse.Namespace) -> str | None:
+    """The teacher model spec for ``--loss kd|lm+kd``: ``--teacher``, else the model's source per its report.
+
+    Raises:
+        UserError: kd without a teacher to find, or ``--teacher`` with ``--loss lm``.
+    """
+    from prunext.core.loading import resolve_model_path
+
+    loss = getattr(args, "loss", "lm")
+    if loss == "lm":
+        if getattr(args, "teacher", None) is not None:
+            raise UserError("--teacher goes with --loss kd or lm+kd; with --loss lm it means nothing")
+        return None
+    for flag in ("kd_weight", "kd_temperature"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{flag.replace('_', '-')} {value} must be a positive number")
+    teacher = args.teacher
+    if teacher is None:
+        folder = Path(args.model).expanduser()
+        for name in ("prune_report.json", "extend_report.json"):
+            try:
+                teacher = str(json.loads((folder / name).read_text())["model"])
+                break
+            except (OSError, json.JSONDecodeError, KeyError, TypeError):
+                continue
+        if teacher is None:
+            raise UserError(f"--loss {loss} needs a teacher and '{args.model}' has no prune/extend report naming its source; give --teacher")
+    resolve_model_path(teacher)  # a missing path is refused here, before any work
+    return teacher
 
 
 def resolve_tokens(args: argparse.Namespace) -> int:
@@ -220,6 +263,7 @@ def check_args(args: argparse.Namespace, world: int) -> dict:
     where = resolve_model_path(args.model)
     check_plan(read_plan(where) if isinstance(where, Path) and where.is_dir() else None, args.trainable)
     tokens = resolve_tokens(args)
+    teacher = resolve_teacher(args)
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     budget = make_budget(tokens, args.seq_len, micro, accum, world)
     # Last, the data sets are opened (streamed, except the small built-in text) and checked, on every rank.
@@ -247,6 +291,10 @@ def check_args(args: argparse.Namespace, world: int) -> dict:
         "dtype": dsconfig.config_dtype(ds_config),
         "zero_stage": dsconfig.zero_stage(ds_config),
         "warmup_steps": warmup_steps(args.warmup, budget.steps),
+        "loss": getattr(args, "loss", "lm"),
+        "teacher": teacher,
+        "kd_weight": getattr(args, "kd_weight", 1.0),
+        "kd_temperature": getattr(args, "kd_temperature", 1.0),
         "norm_lr": getattr(args, "norm_lr", None),
         "adapter_lr": getattr(args, "adapter_lr", None),
         "norm_warmup_steps": None if getattr(args, "norm_warmup", None) is None else warmup_steps(args.norm_warmup, budget.steps),
@@ -405,6 +453,30 @@ def start_engine(model, settings: dict, ds_config: dict, budget, args: argparse.
     return engine
 
 
+def make_objective(settings: dict, ds_config: dict, vocab_size: int):
+    """The ``--loss`` objective; for kd the teacher becomes a ZeRO-3 engine without an optimizer (None for lm)."""
+    if settings["loss"] == "lm":
+        return None
+    import deepspeed
+    import torch
+
+    from prunext.core.loading import load_model
+    from prunext.train.objective import Objective
+
+    teacher, _ = load_model(settings["teacher"], dtype=getattr(torch, settings["dtype"]))
+    if teacher.config.vocab_size != vocab_size:
+        raise UserError(
+            f"--teacher {settings['teacher']} has a vocabulary of {teacher.config.vocab_size} and the model {vocab_size}; "
+            "distillation needs the same tokenizer: give the model it was pruned or extended from"
+        )
+    teacher.config.use_cache = False
+    teacher.requires_grad_(False)
+    config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    engine, _, _, _ = deepspeed.initialize(model=teacher.eval(), config=config)
+    engine.eval()
+    return Objective(settings["loss"], engine, settings["kd_weight"], settings["kd_temperature"])
+
+
 def resume_engine(engine, ckpt_dir: Path, state: dict, rank: int) -> int:
     """Load the checkpoint ``state`` names; drop newer unfinished ones; return the step it ends at."""
     import torch.distributed as dist
@@ -485,6 +557,7 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
             shutil.rmtree(out, ignore_errors=True)
         raise
     engine = start_engine(model, settings, ds_config, budget, args)
+    objective = make_objective(settings, ds_config, model.config.vocab_size)
     start_step = resume_engine(engine, ckpt_dir, resume, rank) if resume is not None else 0
     settings.update(steps=budget.steps, tokens_per_step=budget.tokens_per_step, tokens_used=budget.tokens,
                     global_batch=budget.global_batch, data_blocks=order.n_blocks, epochs=order.epochs)
@@ -506,7 +579,9 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
             t0 = time.perf_counter()
             lrs = engine.get_lr()  # one per optimizer group: norms, adapters, base (those present)
             lr = lrs[-1]
-            loss = train_step(engine, order, step, rank, world, skips_allowed=settings["dtype"] == "float16")
+            parts: dict = {}
+            loss = train_step(engine, order, step, rank, world, skips_allowed=settings["dtype"] == "float16",
+                              objective=objective, parts=parts)
             step += 1
             tok_s = budget.tokens_per_step / (time.perf_counter() - t0)
             grad_norm = engine.get_global_grad_norm()
@@ -515,6 +590,7 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
                 "loss": loss,
                 "lr": lr,
                 **({"group_lrs": lrs} if len(lrs) > 1 else {}),
+                **{f"{k}_loss": v for k, v in parts.items()},
                 "tokens": step * budget.tokens_per_step,
                 "tokens_per_s": tok_s,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
