@@ -247,7 +247,9 @@ def test_two_nodes_deepspeed_launcher_trains_only_replacement(inputs):
 def test_one_process_stops_at_the_step_that_diverges(inputs):
     model, text, root = inputs
     out = root / "diverged"
-    args = tiny.train_args(model, text, out, "--tokens", "512", "--lr", "1e6", "--trainable", "all", "--save-every", "1")
+    # At lr 1e20 the first update makes the attention scores overflow, so step 2's loss is NaN for certain;
+    # a merely large lr (1e6) can instead saturate every RMSNorm and settle at a finite ln(vocab).
+    args = tiny.train_args(model, text, out, "--tokens", "512", "--lr", "1e20", "--trainable", "all", "--save-every", "1")
     proc = tiny.run([sys.executable, str(tiny.LAUNCH), *map(str, args)], timeout=300)
     assert proc.returncode == 2, tiny.tail(proc)
     error = [line for line in proc.stderr.splitlines() if line.startswith("prunext train: error:")]
