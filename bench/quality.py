@@ -22,8 +22,14 @@ the same --seed), the same token budget and the same evaluation windows.
 
 What heals (``prunext train --trainable``, from each method's
 ``decision.trainable_positions`` in prune_report.json):
-  flexigpt and its ablations  ``replacement``: the adapters and output norms of the replaced positions
+  flexigpt                   ``replacement``: prunext's default recipe: prune's defaults (the hybrid,
+                             --kept-lora 0.5) and train's (--loss auto: lm + distillation from the source)
+  flexigpt-paper, ablations  ``replacement``: the paper's pure replacement (--kept-lora 0), trained with lm
   shortgpt-lora              ``replacement``: the LoRA adapters on the kept blocks (B = 0 at init)
+  flexigpt-hybrid            the default's structure spelt out (prune --kept-lora 0.5: half the adapter
+                             rank on LoRA on the kept blocks, same adapter params), healed with lm
+                             unless --loss says otherwise; not in --methods all
+  flexigpt-fit               the default with output norms fitted by least squares (prune --out-norm-init fit)
   streamline                 ``all`` at train's default lr for it (1e-4): ``prunext train`` has no
                              "this position only" mode, so the whole pruned model trains (LLM-Streamline
                              trains only the new block); its trainable-parameter column says so
@@ -35,11 +41,11 @@ Presets (each value can still be overridden by its flag):
          zero-shot limit 5, 1 training process: checks the pipeline in a few minutes on 2 CPU cores
   cpu    ratios 0.3,0.4, budget 4096 tokens (8 steps of 2 ranks x 1 x 256 tokens), seq-len 256, 2048
          calibration tokens, 16 evaluation windows (4096 tokens), zero-shot limit 10, 2 training
-         processes (ZeRO-3 over gloo): dense + all 8 methods, estimated about an hour on 2 shared CPU
+         processes (ZeRO-3 over gloo): dense + all 11 methods, estimated about an hour on 2 shared CPU
          cores from the smoke timings (flexigpt pruning ~2 min each is the largest fixed cost)
   gpu    ratios 0.3,0.4, budgets 1M,20M tokens, seq-len 1024, 32K calibration tokens, 64 evaluation
          windows (64K tokens), zero-shot limit 100, 1 process on --device cuda (ZeRO-3 config
-         ds_configs/zero3.json); for the H100 the ``device`` tool lends
+         ds_configs/zero3.json), for one H100-class GPU
 
 Re-invoking with the same --out reuses every finished stage whose settings match
 (each stage writes a ``stage.json`` with its settings), so an interrupted sweep resumes
@@ -73,15 +79,28 @@ METHODS = {
     "streamline": ("streamline", [], "all"),
     "shortgpt-lora": ("shortgpt-lora", [], "replacement"),
     "flexigpt": ("flexigpt", [], "replacement"),
-    "flexigpt-nofilter": ("flexigpt", ["--no-filter"], "replacement"),
-    "flexigpt-nonorm": ("flexigpt", ["--out-norm", "none"], "replacement"),
-    "flexigpt-nosvd": ("flexigpt", ["--no-svd-init"], "replacement"),
+    "flexigpt-paper": ("flexigpt", ["--kept-lora", "0"], "replacement"),
+    "flexigpt-nofilter": ("flexigpt", ["--kept-lora", "0", "--no-filter"], "replacement"),
+    "flexigpt-nonorm": ("flexigpt", ["--kept-lora", "0", "--out-norm", "none"], "replacement"),
+    "flexigpt-nosvd": ("flexigpt", ["--kept-lora", "0", "--no-svd-init"], "replacement"),
+    "flexigpt-fit": ("flexigpt", ["--out-norm-init", "fit"], "replacement"),
+    "flexigpt-hybrid": ("flexigpt", ["--kept-lora", "0.5"], "replacement"),  # the default, spelt out
+    "flexigpt-kept75": ("flexigpt", ["--kept-lora", "0.75"], "replacement"),
 }
 LABELS = {
-    "flexigpt-nofilter": "flexigpt --no-filter",
-    "flexigpt-nonorm": "flexigpt --out-norm none",
-    "flexigpt-nosvd": "flexigpt --no-svd-init",
+    "flexigpt": "flexigpt (prunext default)",
+    "flexigpt-paper": "flexigpt --kept-lora 0 (paper)",
+    "flexigpt-nofilter": "flexigpt --kept-lora 0 --no-filter",
+    "flexigpt-nonorm": "flexigpt --kept-lora 0 --out-norm none",
+    "flexigpt-nosvd": "flexigpt --kept-lora 0 --no-svd-init",
+    "flexigpt-fit": "flexigpt --out-norm-init fit",
+    "flexigpt-hybrid": "flexigpt --kept-lora 0.5",
+    "flexigpt-kept75": "flexigpt --kept-lora 0.75",
 }
+#: Healed the way prunext heals by default (train --loss auto); every other method as its authors do (lm).
+DEFAULT_RECIPE = ("flexigpt",)
+#: Run by --methods all (flexigpt-hybrid is the default spelt out).
+ALL = [m for m in METHODS if m not in ("flexigpt-hybrid", "flexigpt-kept75")]
 ABLATIONS = ("flexigpt-nofilter", "flexigpt-nonorm", "flexigpt-nosvd")
 
 PRESETS = {
@@ -129,8 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--lr", type=float, help="peak lr of the adapter/norm healing runs (default: prunext train's, 4e-3)")
     p.add_argument("--norm-lr", type=float, help="peak lr of the output-norm scales in adapter/norm healing runs (default: --lr)")
-    p.add_argument("--loss", choices=["lm", "kd", "lm+kd"], default="lm", help="healing loss (prunext train --loss; default lm)")
+    p.add_argument("--adapter-lr", type=float, help="peak lr of the LoRA adapters in adapter/norm healing runs (default: --lr)")
+    p.add_argument("--out-norm-init", type=float, help="prune --out-norm-init for the flexigpt methods (default: prune's)")
+    p.add_argument("--loss", choices=["lm", "kd", "lm+kd", "auto"], default=None,
+                   help="healing loss of every method (prunext train --loss). Default: each as it is run - "
+                   "prunext's default flexigpt with train's default (auto: lm+kd), the others with lm as their authors")
     p.add_argument("--lr-all", type=float, help="peak lr of --trainable all runs (streamline; default: prunext train's, 1e-4)")
+    p.add_argument("--label", default="", help="name of this healing recipe: its runs sit beside other labels' in one --out, "
+                   "sharing the pruned models (default: none)")
     p.add_argument("--seed", type=int, default=0, help="prune and train seed (default 0)")
     p.add_argument("--keep-models", action="store_true", help="keep healed model weights (default: deleted after evaluation)")
     p.add_argument("--out", required=True, help="results folder; re-using it resumes")
@@ -142,7 +167,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    names = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    names = list(ALL) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS and m != "dense"]
     if unknown:
         raise SystemExit(f"quality.py: error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -153,6 +178,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"quality.py: error: --ratios must be numbers, got {args.ratios!r}") from None
     if any(not 0 < r < 1 for r in args.ratio_list):
         raise SystemExit("quality.py: error: every ratio must be in (0, 1)")
+    if not all(c.isalnum() or c in "._+-" for c in args.label):
+        raise SystemExit(f"quality.py: error: --label {args.label!r} may hold letters, digits and . _ + - only")
     args.budget_list = sorted({parse_tokens(b) for b in args.budgets.split(",")})
     for name in ("calib_tokens", "seq_len", "eval_tokens", "limit", "nproc", "micro_batch"):
         if getattr(args, name) < 1:
@@ -257,6 +284,9 @@ def main() -> int:
         for name in args.method_list:
             method, flags, trainable = METHODS[name]
             run_dir = out / "runs" / f"r{ratio:g}" / name
+            if method == "flexigpt" and args.out_norm_init is not None and not any(f.startswith("--out-norm") for f in flags):
+                flags = [*flags, "--out-norm-init", str(args.out_norm_init)]
+                run_dir = run_dir.with_name(f"{name}-init{args.out_norm_init:g}")  # its own pruned model
             pruned = run_dir / "pruned"
             prune_cmd = ["prune", "--model", args.model, "--ratio", str(ratio), "--method", method, *flags,
                          "--calib", TRAIN_DATA, "--calib-tokens", str(args.calib_tokens), "--seq-len", str(args.seq_len),
@@ -280,14 +310,15 @@ def main() -> int:
                            lambda pruned=pruned, heal=trainable: evaluate_folder(pruned, zero_shot=heal is None))  # fmt: skip
             entry = {"prune": pr, "before": before, "healed": {}}
             for budget in args.budget_list if trainable else []:
-                heal = run_dir / f"heal-{budget}"
+                heal = run_dir / (f"heal-{budget}" + (f"-{args.label}" if args.label else ""))
                 lr = args.lr if trainable != "all" else args.lr_all
                 train_cmd = ["train", "--model", str(pruned), "--data", TRAIN_DATA, "--tokens", str(budget),
                              "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--trainable", trainable,
                              "--seed", str(args.seed), "--save-every", "1000000000", "--log-every", "1",
                              *(["--lr", str(lr)] if lr is not None else []),
                              *(["--norm-lr", str(args.norm_lr)] if args.norm_lr is not None and trainable != "all" else []),
-                             *(["--loss", args.loss] if args.loss != "lm" else []),
+                             *(["--adapter-lr", str(args.adapter_lr)] if args.adapter_lr is not None and trainable != "all" else []),
+                             "--loss", args.loss or ("auto" if name in DEFAULT_RECIPE else "lm"),
                              "--out", str(heal / "run"), "--overwrite"]  # fmt: skip
                 key = {"train": train_cmd, "nproc": args.nproc, "prune": pr["command"], "device": args.device}
 
@@ -306,14 +337,15 @@ def main() -> int:
             "settings": {k: v for k, v in vars(args).items() if k not in ("ratio_list", "budget_list", "method_list")},
             "ratios": args.ratio_list, "budgets": args.budget_list, "methods": args.method_list,
             "wall_s": round(time.perf_counter() - started, 1), "stages_s": round(stage_seconds(results), 1)}  # fmt: skip
-    (out / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
+    suffix = f"-{args.label}" if args.label else ""
+    (out / f"results{suffix}.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
     report = render(info, results)
     if len(args.budget_list) >= 2:
-        plot(out / "ppl_vs_tokens.png", info, results)
-        report += "\n![perplexity after healing vs tokens](ppl_vs_tokens.png)\n"
-    (out / "quality.md").write_text(report)
+        plot(out / f"ppl_vs_tokens{suffix}.png", info, results)
+        report += f"\n![perplexity after healing vs tokens](ppl_vs_tokens{suffix}.png)\n"
+    (out / f"quality{suffix}.md").write_text(report)
     print(report)
-    print(f"wall time {info['wall_s']:.0f} s; wrote {out / 'quality.md'} and {out / 'results.json'}")
+    print(f"wall time {info['wall_s']:.0f} s; wrote {out / f'quality{suffix}.md'} and {out / f'results{suffix}.json'}")
     return 0
 
 
@@ -372,17 +404,24 @@ def compare(rows: list[dict]) -> list[str]:
     """Sentences checking FlexiGPT's claims on these rows (perplexity after healing, lower is better)."""
     after = {r["name"]: r["after"] for r in rows if r["after"] is not None}
     lines = []
-    if "flexigpt" in after and "shortgpt-lora" in after:
-        f, s = after["flexigpt"], after["shortgpt-lora"]
+    baselines = {n: v for n, v in after.items() if not n.startswith("flexigpt")}
+    if "flexigpt" in after and baselines:
+        best = min(baselines, key=baselines.get)
+        f, b = after["flexigpt"], baselines[best]
+        verdict = "met" if f <= 0.9 * b else "not met"
+        lines.append(f"- prunext's default (flexigpt) vs the best healed baseline ({best}): {f:.2f} vs {b:.2f} "
+                     f"({f / b:.2f}x; target at most 0.90x): **{verdict}**.")  # fmt: skip
+    if "flexigpt-paper" in after and "shortgpt-lora" in after:
+        f, s = after["flexigpt-paper"], after["shortgpt-lora"]
         verdict = "agrees" if f < s else "disagrees"
-        lines.append(f"- flexigpt vs shortgpt-lora after healing: {f:.2f} vs {s:.2f} ({f / s:.2f}x). "
+        lines.append(f"- flexigpt (paper recipe) vs shortgpt-lora after healing: {f:.2f} vs {s:.2f} ({f / s:.2f}x). "
                      f"The paper reports flexigpt better ({PAPER['flexigpt']} vs {PAPER['shortgpt-lora']} on "
                      f"Llama-2-7B at 30%, 1B tokens): **{verdict}**.")  # fmt: skip
     for ab in ABLATIONS:
-        if ab in after and "flexigpt" in after:
-            a, f = after[ab], after["flexigpt"]
+        if ab in after and "flexigpt-paper" in after:
+            a, f = after[ab], after["flexigpt-paper"]
             verdict = "agrees" if a > f else "disagrees"
-            lines.append(f"- {LABELS[ab]} vs flexigpt after healing: {a:.2f} vs {f:.2f} ({a / f:.2f}x). "
+            lines.append(f"- {LABELS[ab]} vs the paper recipe after healing: {a:.2f} vs {f:.2f} ({a / f:.2f}x). "
                          f"The paper reports the ablation worse ({PAPER[ab]} vs {PAPER['flexigpt']}): **{verdict}**.")  # fmt: skip
     if lines:
         lines.append("- Differences of a few percent are within the noise of a small evaluation set and one seed.")
@@ -399,7 +438,11 @@ def render(info: dict, results: dict) -> str:
         "finished stages are reused).",
         f"Calibration: {s['calib_tokens']:,} tokens of `{TRAIN_DATA}`. Healing: `{TRAIN_DATA}`, seq-len {s['seq_len']}, "
         f"micro-batch {s['micro_batch']} x {s['nproc']} process(es), seed {s['seed']}, ZeRO-3, lr "
-        f"{s['lr'] or 'default (4e-3)'} for adapters, {s['lr_all'] or 'default (1e-4)'} for `--trainable all`.",
+        f"{s['lr'] or 'default (4e-3)'} for adapters, {s['lr_all'] or 'default (1e-4)'} for `--trainable all`"
+        + "".join(f", {flag} {s[key]}" for flag, key in (("--norm-lr", "norm_lr"), ("--adapter-lr", "adapter_lr"),
+                  ("--out-norm-init", "out_norm_init")) if s.get(key) is not None)
+        + (f", loss {s['loss']} for every method." if s["loss"] else
+           ", loss: lm for every method except prunext's default flexigpt (train's default, auto = lm+kd)."),
         f"Perplexity: `{EVAL_DATA}`, {s['eval_tokens'] // s['seq_len']} windows of {s['seq_len']} tokens. "
         f"Zero-shot: mean `acc` over {', '.join(TASKS)}, first {s['limit']} items each (after healing where healed).",
         "",

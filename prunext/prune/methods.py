@@ -110,6 +110,7 @@ def decide(
     weights: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
     filter_rank: int | None = None,
     out_norm: bool = True,
+    kept_lora: float = 0.0,
 ) -> Pruning:
     """Choose the blocks to prune from ``scores`` and lay out the pruned model's plan.
 
@@ -121,6 +122,9 @@ def decide(
         weights: flexigpt only: :func:`block_weights` of every block.
         filter_rank: flexigpt: k of the low-rank filtering; None = no filtering.
         out_norm: flexigpt: replacement positions carry output norms.
+        kept_lora: flexigpt hybrid: the fraction of the adapter rank budget (``len(pruned) * r_a``)
+            moved from the replacements onto LoRA on the kept blocks (:func:`split_ranks`); 0 =
+            pure replacement. The adapter parameters stored are the same for every value.
 
     Returns:
         The decision; for flexigpt with the distance matrix.
@@ -139,16 +143,19 @@ def decide(
             raise ValueError("flexigpt needs the block weights to choose the shared blocks")
         distances = distance_matrix(weights, pruned, kept, budget.adapter_rank, filter_rank).cpu()
         sources = choose_sources(distances, pruned, kept)
-        # each pruned position runs its source's weights plus its own adapters and norms
+        ranks = split_ranks(budget.adapter_rank, pruned, kept, kept_lora)
+        # each pruned position runs its source's weights plus its own adapters and norms;
+        # in the hybrid, kept blocks carry LoRA too (B = 0 at init, as shortgpt-lora)
         positions = tuple(
-            Position(sources[b], lora_rank=budget.adapter_rank, lora_targets=LINEAR_NAMES, out_norm=out_norm)
+            Position(sources[b], lora_rank=ranks[b], lora_targets=LINEAR_NAMES, out_norm=out_norm)
             if b in sources
-            else Position(b)
+            else Position(b, lora_rank=ranks[b], lora_targets=LINEAR_NAMES if ranks[b] else ())
             for b in range(L)
         )
+        trainable = [b for b in range(L) if b in sources or ranks[b]]
         return Pruning(
             method, L, pruned, kept, Plan(positions, L), sources=sources, distances=distances,
-            trainable_positions=list(pruned),
+            trainable_positions=trainable,
         )
     if method == "shortgpt-lora":
         positions = tuple(Position(b, lora_rank=budget.adapter_rank, lora_targets=LINEAR_NAMES) for b in kept)
@@ -156,6 +163,32 @@ def decide(
     plan = Plan(tuple(Position(b) for b in kept), L)
     trainable = [kept.index(span[0])] if method == "streamline" else []
     return Pruning(method, L, pruned, kept, plan, window=span, trainable_positions=trainable)
+
+
+def split_ranks(rank: int, pruned: list[int], kept: list[int], kept_lora: float) -> dict[int, int]:
+    """LoRA rank of every block position: flexigpt's budget, optionally shared with the kept blocks.
+
+    The budget is ``len(pruned) * rank`` rank units (a LoRA's parameters are linear in its
+    rank, so any split of the units stores the same adapter parameters). ``round(kept_lora *
+    units)`` go to the kept blocks, the rest to the replacements, each side spread as evenly as
+    integers allow (earlier blocks take the remainder). Every replacement keeps rank >= 1.
+
+    Raises:
+        UserError: ``kept_lora`` outside [0, 1), or so large that a replacement would get rank 0.
+    """
+    if not 0 <= kept_lora < 1:
+        raise UserError(f"--kept-lora {kept_lora} must be in [0, 1): the fraction of adapter rank moved to kept blocks")
+    units = len(pruned) * rank
+    to_kept = round(kept_lora * units)
+    if units - to_kept < len(pruned):
+        most = (units - len(pruned)) / units
+        raise UserError(f"--kept-lora {kept_lora} leaves a replacement without an adapter; use at most {most:.2f}")
+
+    def spread(total: int, blocks: list[int]) -> dict[int, int]:
+        base, extra = divmod(total, len(blocks)) if blocks else (0, 0)
+        return {b: base + (i < extra) for i, b in enumerate(blocks)}
+
+    return {**spread(to_kept, kept), **spread(units - to_kept, pruned)}
 
 
 def check_source(model: nn.Module) -> None:

@@ -12,7 +12,7 @@ adapters, output norms) is subtracted from what it removes. With L blocks of
     angular        n (one window)        -                                     n * P
     streamline     n - 1 (window of n    - (the new block is the window's      (n - 1) * P
                    -> one new block)        first block, trained in place)
-    shortgpt-lora  k (as shortgpt)       LoRA on every kept block, spending    k * P - (L - k) * a(r)
+    shortgpt-lora  k                     LoRA on every kept block, spending    k * P - (L - k) * a(r)
                                          flexigpt's adapter budget at the same
                                          ratio: r = floor(k_flexigpt * a(r_a) /
                                          ((L - k) * a(1))), at least 1
@@ -23,8 +23,10 @@ adapters, output norms) is subtracted from what it removes. With L blocks of
 The count is the SMALLEST one whose net removal is AT LEAST ``r * T``
 (compared exactly in integers: ``r`` is read from its decimal text, so
 ``--ratio 0.3`` on 30 equal blocks prunes exactly 9 plain blocks, not 10).
-shortgpt-lora prunes shortgpt's k and then adds adapters, so its net
-removal falls below ``r``; it is reported, not adjusted. Both fractions are
+shortgpt-lora's adapters count too: it drops blocks until ``k * P - (L - k) * a(r)``
+reaches ``r * T``, so at one ratio it and flexigpt store about the same
+parameters and the same adapter budget (equal terms for the comparison the
+paper makes). Both fractions are
 reported: of the block parameters, and of all stored parameters (embeddings,
 final norm and an untied LM head included).
 """
@@ -245,13 +247,21 @@ def plan_budget(
         if count >= L:
             raise _too_many(ratio, L)
         if method == "shortgpt-lora":
-            # flexigpt's adapter budget at this ratio, spread evenly over the kept blocks
+            # flexigpt's adapter budget at this ratio, spread evenly over the kept blocks; the adapters
+            # count against the ratio as flexigpt's do, so drop more blocks until the net removal reaches it
             flexi_saved = P - sizes.adapter_params(adapter_rank) - (sizes.out_norm_params if out_norm else 0)
             flexi_count = smallest_count(ratio, max(flexi_saved, 1), T)
             budget = flexi_count * sizes.adapter_params(adapter_rank)
-            kept = L - count
-            rank = max(1, min(budget // (kept * sizes.lora_params_per_rank), sizes.max_rank))
-            adapted = kept
+
+            def lora_rank(kept: int) -> int:
+                return max(1, min(budget // (kept * sizes.lora_params_per_rank), sizes.max_rank))
+
+            target = exact_ratio(ratio) * T
+            while count < L and count * P - (L - count) * sizes.adapter_params(lora_rank(L - count)) < target:
+                count += 1
+            if count >= L:
+                raise _too_many(ratio, L)
+            removed, rank, adapted = count, lora_rank(L - count), L - count
     elif method == "streamline":
         removed = smallest_count(ratio, P, T)
         count = removed + 1  # a window of n blocks becomes one block

@@ -28,6 +28,7 @@ HELP = "prune transformer blocks: FlexiGPT (weight-shared replacements + SVD-ini
 EPILOG = f"""\
 examples:
   prunext prune --model builtin:smollm2-135m --ratio 0.3 --out smol-30/
+  prunext prune --model builtin:smollm2-135m --ratio 0.3 --kept-lora 0 --out smol-30-paper/   # pure replacement
   prunext prune --model llama-2-7b/ --ratio 0.3 --method shortgpt-lora --offload --out l2-30-short-lora/
   torchrun --nproc_per_node 4 -m prunext prune --model llama-2-7b/ --ratio 0.4 --calib-tokens 262144 --out l2-40/
 
@@ -37,22 +38,26 @@ methods (L blocks; r = --ratio; see DESIGN.md "The prune path"):
                  ||W^_i - (W^_j + SVD_ra(W^_i - W^_j))||_F^2 (W^ = rank --filter-rank
                  reconstruction), whose weights it shares (stored once), plus its own LoRA
                  (rank --adapter-rank, init = truncated SVD of W_i - W_j) and output norms.
-                 Same depth, fewer stored blocks.
+                 Same depth, fewer stored blocks. By default a hybrid: half of that adapter rank
+                 moves to LoRA (B = 0) on the kept blocks, same adapter parameters in total
+                 (--kept-lora 0.5; it healed faster at every measured budget; --kept-lora 0 is
+                 the paper's pure replacement).
   shortgpt       drop the k lowest-BI blocks (Men et al. 2024).
-  shortgpt-lora  shortgpt, then LoRA (B = 0) on every kept block, at the rank that spends the
-                 adapter parameters flexigpt would add at the same ratio.
+  shortgpt-lora  drop the lowest-BI blocks, then LoRA (B = 0) on every kept block, at the rank
+                 that spends the adapter parameters flexigpt would add at the same ratio.
   streamline     replace the n-block window with the highest input/output cosine by ONE block
                  initialised from the window's first block, to be trained (LLM-Streamline).
   angular        drop the n-block window with the lowest angular distance (Gromov et al. 2024).
 
 how many blocks: --ratio is the NET fraction of block parameters removed, adapters and
-  norms counted; the smallest count whose net removal is at least r is used (shortgpt-lora
-  then adds its adapters and reports the lower net figure). Both fractions are reported:
+  norms counted; the smallest count whose net removal is at least r is used, for every
+  method (shortgpt-lora's adapters count too). Both fractions are reported:
   of block parameters and of all parameters (embeddings included).
 
 defaults (the paper's, scaled to the hidden size): --adapter-rank and --filter-rank
   hidden/16 (FlexiGPT uses 256 at hidden 4096), output norms with initial scale
-  {DEFAULT_OUT_NORM_INIT:g} (0: the model starts exactly as the block-dropped one), calibration
+  {DEFAULT_OUT_NORM_INIT:g} (0: the model starts exactly as the block-dropped one; 'fit': least
+  squares against each pruned block's own output), calibration
   32768 tokens of builtin:wiki:train in windows of 512 (our choice: on SmolLM2-135M at
   30%, 4096 and 32768 tokens agree on 10 of the 11 blocks; more tokens, steadier scores). --offload streams blocks from disk for the scoring
   pass only; the model is then loaded whole to build the result.
@@ -67,7 +72,9 @@ outputs: DIR (native model + tokenizer), DIR/prune_report.json, DIR/importance.p
 
 DTYPES = ("float32", "bfloat16", "float16")
 #: Flags that only flexigpt uses (the ablation switches and its replacement parts).
-FLEXIGPT_ONLY = ("filter_rank", "out_norm", "out_norm_init", "no_filter", "no_svd_init")
+#: ``--kept-lora`` default: the hybrid healed faster than pure replacement at every measured budget (BENCHMARKS.md).
+DEFAULT_KEPT_LORA = 0.5
+FLEXIGPT_ONLY = ("filter_rank", "out_norm", "out_norm_init", "no_filter", "no_svd_init", "kept_lora")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +94,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filter-rank", type=int, default=None, help="flexigpt: rank k of the low-rank filtering in the distance (default hidden/16)")
     parser.add_argument("--out-norm", choices=("layernorm", "none"), default=None, help="flexigpt: output feature normalization on replacements (default layernorm)")
     parser.add_argument(
-        "--out-norm-init", type=float, default=None, help=f"flexigpt: initial output-norm scale (default {DEFAULT_OUT_NORM_INIT:g})"
+        "--out-norm-init", type=_norm_init, default=None, metavar="{fit,SCALE}",
+        help=f"flexigpt: start of the output norms: a scale (default {DEFAULT_OUT_NORM_INIT:g}, as the paper) or 'fit' "
+        "(least squares against each pruned block's own output on the calibration windows)",
+    )
+    parser.add_argument(
+        "--kept-lora", type=float, default=None, metavar="F",
+        help="flexigpt: move fraction F of the adapter rank from the replacements to LoRA on the kept blocks, "
+        f"same adapter parameters in total (default {DEFAULT_KEPT_LORA:g}, the measured best; 0 = the paper's pure replacement)",
     )
     parser.add_argument("--no-filter", action="store_true", default=None, help="flexigpt ablation: distance on raw weights (no low-rank filtering)")
     parser.add_argument("--no-svd-init", action="store_true", default=None, help="flexigpt ablation: adapters at LoRA's usual init (B = 0)")
@@ -97,6 +111,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------ checking
+def _norm_init(text: str) -> float | str:
+    """``--out-norm-init``: ``fit`` or a number."""
+    if text.strip().lower() == "fit":
+        return "fit"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither 'fit' nor a number (e.g. 0.01)") from None
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every check that needs no model; fills in flexigpt's switches. Raises UserError."""
     from prunext.fsutil import check_out_dir
@@ -117,8 +141,14 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be a positive integer")
     if args.seq_len > args.calib_tokens:
         raise UserError(f"--calib-tokens {args.calib_tokens} is less than one window of --seq-len {args.seq_len}; give more tokens")
-    if args.out_norm_init is not None and not (math.isfinite(args.out_norm_init) and args.out_norm_init >= 0):
+    if args.out_norm_init == "fit" and args.out_norm == "none":
+        raise UserError("--out-norm-init fit needs output norms; drop --out-norm none")
+    if isinstance(args.out_norm_init, float) and not (math.isfinite(args.out_norm_init) and args.out_norm_init >= 0):
         raise UserError(f"--out-norm-init {args.out_norm_init} must be a finite number >= 0 (small, e.g. {DEFAULT_OUT_NORM_INIT:g})")
+    if args.kept_lora is not None and not (math.isfinite(args.kept_lora) and 0 <= args.kept_lora < 1):
+        raise UserError(f"--kept-lora {args.kept_lora} must be in [0, 1): the fraction of adapter rank moved to kept blocks")
+    if args.kept_lora is None:
+        args.kept_lora = DEFAULT_KEPT_LORA if args.method == "flexigpt" else 0.0
     args.out_norm = args.out_norm or "layernorm"
     args.no_filter = bool(args.no_filter)
     args.no_svd_init = bool(args.no_svd_init)
@@ -248,6 +278,8 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
     out_norm = args.out_norm == "layernorm"
     out_norm_init = DEFAULT_OUT_NORM_INIT if args.out_norm_init is None else args.out_norm_init
     budget = plan_budget(args.method, sizes, args.ratio, adapter_rank, out_norm if flexigpt else True)
+    if flexigpt and args.kept_lora:  # refuse a split that starves a replacement before any scoring
+        methods.split_ranks(budget.adapter_rank, list(range(budget.count)), list(range(sizes.num_blocks - budget.count)), args.kept_lora)
     metric, window = methods.metric_for(budget)
     settings = {
         "model": args.model,
@@ -262,6 +294,7 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
         "out_norm": (args.out_norm if flexigpt else None),
         "out_norm_init": out_norm_init if flexigpt and out_norm else None,
         "svd_init": (not args.no_svd_init) if flexigpt else None,
+        "kept_lora": args.kept_lora if flexigpt else None,
         "calib": args.calib,
         "calib_tokens": args.calib_tokens,
         "seq_len": args.seq_len,
@@ -291,16 +324,23 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
     # run: decide, build, initialise
     start = time.perf_counter()
     weights = methods.block_weights(source, range(sizes.num_blocks)) if flexigpt else None
-    pruning = methods.decide(scores, budget, weights, filter_rank, out_norm)
+    pruning = methods.decide(scores, budget, weights, filter_rank, out_norm, args.kept_lora if flexigpt else 0.0)
     timings["matching_svd"] = time.perf_counter() - start
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-    model = methods.build_model(source, pruning, out_norm_init)
+    model = methods.build_model(source, pruning, DEFAULT_OUT_NORM_INIT if out_norm_init == "fit" else out_norm_init)
     timings["build_save"] = time.perf_counter() - start
     if flexigpt and not args.no_svd_init:
         start = time.perf_counter()
         methods.init_adapters_svd(model, pruning, weights)
         timings["matching_svd"] += time.perf_counter() - start
+    fitted = None
+    if flexigpt and out_norm_init == "fit":
+        from prunext.prune.fitnorm import fit_out_norms
+
+        start = time.perf_counter()
+        fitted = fit_out_norms(model, source, pruning.sources, calib, args.batch_size, device, progress=rank == 0)
+        timings["fit_norms"] = time.perf_counter() - start
     params_after = methods.stored_params(model)
     if params_after != budget.total_params_after:
         raise RuntimeError(f"built model stores {params_after:,} parameters, the accounting says {budget.total_params_after:,}")
@@ -315,7 +355,10 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
         if pruning.distances is not None:
             report.plot_distances(pruning, tmp / report.DISTANCE_PLOT)
         timings["build_save"] += time.perf_counter() - start
-        report.write_report(tmp, report.build_report(settings, scores, budget, pruning, params_after, timings))
+        built = report.build_report(settings, scores, budget, pruning, params_after, timings)
+        if fitted is not None:
+            built["out_norm_fit"] = {str(i): {k: round(v, 6) for k, v in row.items()} for i, row in fitted.items()}
+        report.write_report(tmp, built)
     print(report.summary(budget, pruning))
     print(
         "timings: "

@@ -77,7 +77,12 @@ def summary(budget: Budget, pruning: Pruning) -> str:
         rows.append(("window", f"blocks {first}..{last}"))
         if pruning.method == "streamline":
             rows.append(("new block", f"position {pruning.trainable_positions[0]}, initialised from block {first}"))
-    if budget.adapter_rank:
+    ranks = [p.lora_rank for p in pruning.plan.positions if p.has_lora]
+    if len(ranks) != budget.adapted_positions or len(set(ranks)) > 1:  # flexigpt hybrid (--kept-lora)
+        on_kept = sum(p.lora_rank for i, p in enumerate(pruning.plan.positions) if p.has_lora and i not in pruning.sources)
+        rows.append(("adapters", f"ranks {min(ranks)}-{max(ranks)} on 7 linears at {len(ranks)} positions "
+                                 f"({on_kept} of {sum(ranks)} rank units on kept blocks)"))  # fmt: skip
+    elif budget.adapter_rank:
         rows.append(("adapters", f"rank {budget.adapter_rank} on 7 linears at {budget.adapted_positions} positions"))
     rows += [
         ("block params", f"{budget.block_params_before:,} -> {budget.block_params_after:,}"),

@@ -43,9 +43,11 @@ per-group learning rates: the output-norm scales, the LoRA adapters and the base
   AdamW groups; --norm-lr / --adapter-lr (and --norm-warmup / --adapter-warmup) set a group's peak lr
   and warmup, the rest follow --lr / --warmup. The schedule's shape (--schedule) is shared.
 
-loss: lm (default) trains on the next token; kd distils the logits of --teacher (default: the model
-  the folder was pruned/extended from, per its prune/extend report), run on the same batch as a second
-  ZeRO-3 engine (sharded, no optimizer; about one more forward per step); lm+kd adds both.
+loss: lm trains on the next token; kd distils the logits of --teacher (default: the model the folder
+  was pruned/extended from, per its prune/extend report), run on the same batch as a second ZeRO-3
+  engine (sharded, no optimizer; about one more forward per step); lm+kd adds both. The default, auto,
+  is lm+kd when that report names a source that can be found, else lm (BENCHMARKS.md: lm+kd healed
+  better at every measured budget); --loss lm skips the teacher's extra forward.
 
 trainable: replacement (default; adapters + output norms, what prune/extend added), adapters,
   all (everything; a shared block's gradient is the sum over the positions that run it).
@@ -91,8 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--adapter-lr", type=float, default=None, metavar="LR", help="peak lr of the LoRA adapters (default --lr)")
     opt.add_argument("--norm-warmup", type=float, default=None, metavar="W", help="warmup of the output-norm group, as --warmup (default --warmup)")
     opt.add_argument("--adapter-warmup", type=float, default=None, metavar="W", help="warmup of the adapter group, as --warmup (default --warmup)")
-    opt.add_argument("--loss", choices=LOSSES, default="lm",
-                     help="lm (next-token, default), kd (logit distillation from --teacher), lm+kd (lm + --kd-weight x kd)")
+    opt.add_argument("--loss", choices=("auto", *LOSSES), default="auto",
+                     help="auto (default: lm+kd when the model's prune/extend report names a source to distil from, "
+                     "else lm), lm (next-token), kd (logit distillation from --teacher), lm+kd (lm + --kd-weight x kd)")
     opt.add_argument("--teacher", default=None, metavar="MODEL",
                      help="teacher for kd (default: the model --model was pruned or extended from, per its report)")
     opt.add_argument("--kd-weight", type=float, default=1.0, help="weight of the kd term in lm+kd (default 1)")
@@ -142,6 +145,29 @@ def _builtin_base(spec: str, hops: int = 5) -> str | None:
     return None
 
 
+def _report_source(model: str) -> str | None:
+    """The model a native folder was pruned or extended from, per its report (None: no report)."""
+    folder = Path(model).expanduser()
+    for name in ("prune_report.json", "extend_report.json"):
+        try:
+            report = json.loads((folder / name).read_text())
+            return str(report.get("model") or report["settings"]["model"])  # extend: top level; prune: settings
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _findable(spec: str) -> bool:
+    """Whether ``spec`` resolves without error (a builtin name, an existing path, a hub id)."""
+    from prunext.core.loading import resolve_model_path
+
+    try:
+        resolve_model_path(spec)
+    except UserError:
+        return False
+    return True
+
+
 def resolve_teacher(args: argparse.Namespace) -> str | None:
     """The teacher model spec for ``--loss kd|lm+kd``: ``--teacher``, else the model's source per its report.
 
@@ -151,6 +177,15 @@ def resolve_teacher(args: argparse.Namespace) -> str | None:
     from prunext.core.loading import resolve_model_path
 
     loss = getattr(args, "loss", "lm")
+    if loss == "auto":
+        found = _report_source(args.model) if getattr(args, "teacher", None) is None else args.teacher
+        if found is not None and _findable(found):
+            args.loss = loss = "lm+kd"
+            log.info("--loss auto: lm+kd, distilling from %s (the model's source; --loss lm to train without it)", found)
+        else:
+            args.loss = loss = "lm"
+            if found is not None:
+                log.warning("--loss auto: the source %s named by the model's report is not available; training with lm", found)
     if loss == "lm":
         if getattr(args, "teacher", None) is not None:
             raise UserError("--teacher goes with --loss kd or lm+kd; with --loss lm it means nothing")
@@ -161,13 +196,7 @@ def resolve_teacher(args: argparse.Namespace) -> str | None:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be a positive number")
     teacher = args.teacher
     if teacher is None:
-        folder = Path(args.model).expanduser()
-        for name in ("prune_report.json", "extend_report.json"):
-            try:
-                teacher = str(json.loads((folder / name).read_text())["model"])
-                break
-            except (OSError, json.JSONDecodeError, KeyError, TypeError):
-                continue
+        teacher = _report_source(args.model)
         if teacher is None:
             raise UserError(f"--loss {loss} needs a teacher and '{args.model}' has no prune/extend report naming its source; give --teacher")
     resolve_model_path(teacher)  # a missing path is refused here, before any work

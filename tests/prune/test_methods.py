@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 import prunext  # noqa: F401  (registers the native format with AutoModelForCausalLM)
 from prunext.core.checkpoint import save_native
 from prunext.core.plan import LINEAR_NAMES, LINEAR_PATHS, Position
+from prunext.errors import UserError
 from prunext.prune import methods
 from prunext.prune.importance import BlockScores
 from prunext.prune.ratio import ModelSizes, plan_budget
@@ -32,11 +33,11 @@ def _linear(layer: nn.Module, name: str) -> nn.Linear:
     return getattr(getattr(layer, parent), leaf)
 
 
-def _flexigpt(hf, ratio=0.25, out_norm_init=0.01, svd=True, out_norm=True):
+def _flexigpt(hf, ratio=0.25, out_norm_init=0.01, svd=True, out_norm=True, kept_lora=0.0, adapter_rank=2):
     sizes = ModelSizes.from_model(hf)
-    budget = plan_budget("flexigpt", sizes, ratio, adapter_rank=2, out_norm=out_norm)
+    budget = plan_budget("flexigpt", sizes, ratio, adapter_rank=adapter_rank, out_norm=out_norm)
     weights = methods.block_weights(hf, range(sizes.num_blocks))
-    pruning = methods.decide(_bi(), budget, weights, filter_rank=2, out_norm=out_norm)
+    pruning = methods.decide(_bi(), budget, weights, filter_rank=2, out_norm=out_norm, kept_lora=kept_lora)
     torch.manual_seed(0)
     model = methods.build_model(hf, pruning, out_norm_init)
     if svd:
@@ -112,6 +113,30 @@ def test_shortgpt_equals_dropping_the_layers_by_hand(tiny_hf, family):
     assert methods.stored_params(model) == budget.total_params_after
 
 
+def _adapter_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B"))
+
+
+def test_hybrid_moves_adapter_rank_to_kept_blocks_and_stores_the_same_adapter_parameters(tiny_hf):
+    hf = tiny_hf("llama", layers=6)
+    pure, pure_pruning, budget, _ = _flexigpt(hf, adapter_rank=4)
+    hybrid, pruning, _, _ = _flexigpt(hf, adapter_rank=4, kept_lora=0.5)
+    # 2 replacements x rank 4 = 8 rank units; half go to the 4 kept blocks (rank 1 each), half stay (rank 2 each)
+    ranks = [p.lora_rank for p in pruning.plan.positions]
+    assert ranks == [1, 2, 1, 1, 2, 1] and pruning.sources == pure_pruning.sources
+    assert [p.lora_rank for p in pure_pruning.plan.positions] == [0, 4, 0, 0, 4, 0]
+    assert all(p.out_norm == (i in pruning.sources) for i, p in enumerate(pruning.plan.positions))
+    assert pruning.trainable_positions == list(range(6))
+    assert _adapter_params(hybrid) == _adapter_params(pure) == budget.adapter_params > 0
+    assert methods.stored_params(hybrid) == methods.stored_params(pure) == budget.total_params_after
+    # kept blocks' LoRA starts at B = 0: the hybrid's kept positions compute exactly the source block
+    for b in pruning.kept:
+        for name in LINEAR_NAMES:
+            assert torch.count_nonzero(_linear(hybrid.model.layers[b], name).lora_B) == 0
+    with pytest.raises(UserError, match="at most"):  # every replacement keeps an adapter
+        _flexigpt(hf, adapter_rank=4, kept_lora=0.9)
+
+
 def test_flexigpt_with_zero_out_norm_is_exactly_the_block_dropped_model(tiny_hf):
     hf = tiny_hf("llama", layers=6)
     reference = _drop_by_hand(hf, [1, 4])
@@ -130,13 +155,15 @@ def test_shortgpt_lora_adapts_every_kept_block_and_starts_as_shortgpt(tiny_hf):
     hf = tiny_hf("llama", layers=6)
     budget = plan_budget("shortgpt-lora", ModelSizes.from_model(hf), 0.3, adapter_rank=2)
     pruning = methods.decide(_bi(), budget)
+    # shortgpt alone drops 2 blocks at 0.3; the adapters count against the ratio, so a third goes
+    assert budget.count == 3 and budget.block_fraction >= 0.3
     assert pruning.plan.positions == tuple(
-        Position(b, lora_rank=budget.adapter_rank, lora_targets=LINEAR_NAMES) for b in [0, 2, 3, 5]
+        Position(b, lora_rank=budget.adapter_rank, lora_targets=LINEAR_NAMES) for b in [0, 2, 5]
     )
-    assert pruning.trainable_positions == [0, 1, 2, 3]
+    assert pruning.trainable_positions == [0, 1, 2]
     model = methods.build_model(hf, pruning, out_norm_init=0.01)
     with torch.no_grad():
-        assert torch.equal(model(_x()).logits, _drop_by_hand(hf, [1, 4])(_x()).logits)  # B = 0
+        assert torch.equal(model(_x()).logits, _drop_by_hand(hf, [1, 3, 4])(_x()).logits)  # B = 0
     assert methods.stored_params(model) == budget.total_params_after
 
 

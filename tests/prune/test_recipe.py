@@ -67,6 +67,10 @@ def _assert_same_model(a: Path, b: Path, atol: float = 0.0) -> None:
         (["--ratio", "0.3", "--out-norm-init", "-1"], "--out-norm-init -1.0 must be a finite number >= 0"),
         (["--ratio", "0.9"], "ratio 0.9 would prune all 6 blocks; use a smaller --ratio"),
         (["--ratio", "0.3", "--adapter-rank", "64"], "--adapter-rank 64 exceeds the smallest linear dimension 16"),
+        (["--ratio", "0.3", "--out-norm-init", "fit", "--out-norm", "none"], "--out-norm-init fit needs output norms"),
+        (["--ratio", "0.3", "--kept-lora", "1"], "--kept-lora 1.0 must be in [0, 1)"),
+        (["--ratio", "0.25", "--kept-lora", "0.9"], "--kept-lora 0.9 leaves a replacement without an adapter; use at most 0.50"),
+        (["--ratio", "0.3", "--method", "shortgpt-lora", "--kept-lora", "0.5"], "--kept-lora applies to --method flexigpt only"),
     ],
 )
 def test_bad_input_is_one_line_before_any_output(tiny_dir, tmp_path, capsys, extra, message):
@@ -111,7 +115,7 @@ def test_flexigpt_writes_model_report_and_plots(tiny_dir, tmp_path, capsys):
 
 def test_ablation_switches_reach_the_model(tiny_dir, tmp_path):
     out = tmp_path / "out"
-    assert main(_args(tiny_dir, out, "--ratio", "0.25", "--no-filter", "--no-svd-init", "--out-norm", "none")) == 0
+    assert main(_args(tiny_dir, out, "--ratio", "0.25", "--kept-lora", "0", "--no-filter", "--no-svd-init", "--out-norm", "none")) == 0
     settings = json.loads((out / REPORT_FILE).read_text())["settings"]
     assert (settings["svd_init"], settings["out_norm"], settings["filter_rank"]) == (False, "none", None)
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -119,6 +123,33 @@ def test_ablation_switches_reach_the_model(tiny_dir, tmp_path):
     assert len(replaced) == 2 and not model.plan.has_out_norm
     for i in replaced:
         assert torch.count_nonzero(model.model.layers[i].mlp.up_proj.lora_B) == 0
+
+
+def test_hybrid_saves_and_reloads_with_its_per_position_ranks(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_args(tiny_dir, out, "--ratio", "0.25", "--kept-lora", "0.5")) == 0
+    assert "rank units on kept blocks" in capsys.readouterr().out
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["settings"]["kept_lora"] == 0.5
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ranks = [p.lora_rank for p in model.plan.positions]
+    pruned = report["decision"]["pruned"]
+    assert sum(ranks) == 2 * 2 and all(ranks[i] == 1 for i in pruned)  # 2 replacements x rank 2, half moved
+    assert sum(p.numel() for p in model.parameters()) == report["params"]["total_params_after"]
+    assert report["decision"]["trainable_positions"] == [i for i, r in enumerate(ranks) if r or i in pruned]
+
+
+def test_fitted_output_norms_are_reported_and_reload(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(_args(tiny_dir, out, "--ratio", "0.25", "--out-norm-init", "fit")) == 0
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["settings"]["out_norm_init"] == "fit" and "fit_norms" in report["timings_s"]
+    pruned = report["decision"]["pruned"]
+    assert set(report["out_norm_fit"]) == {str(i) for i in pruned}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for i in pruned:
+        weight = model.model.layers[i].attn_out_norm.weight
+        assert not torch.allclose(weight, torch.full_like(weight, 0.01))
 
 
 def test_an_already_pruned_model_is_refused(tiny_dir, tmp_path, capsys):
@@ -182,7 +213,7 @@ def test_builtin_model_at_30_percent_every_method_has_finite_perplexity(builtin_
                 "--calib-tokens", "4096", "--seq-len", "256", "--batch-size", "16", "--out", str(out)]  # fmt: skip
         assert main(args) == 0
         report = json.loads((out / REPORT_FILE).read_text())
-        assert report["params"]["block_fraction"] >= 0.3 or method == "shortgpt-lora"
+        assert report["params"]["block_fraction"] >= 0.3
         perplexities[method] = _perplexity(AutoModelForCausalLM.from_pretrained(out), eval_windows)
     with capsys.disabled():
         print("\nperplexity, builtin:wiki:test, 2 x 256 tokens, fp32:", json.dumps(perplexities, indent=1))
