@@ -50,6 +50,9 @@ SUPPORTED_FAMILIES: dict[str, str] = {
 OWNED_PARTS: tuple[str, ...] = ("lora_A", "lora_B", "attn_out_norm.", "mlp_out_norm.")
 
 DEFAULT_OUT_NORM_INIT = 1e-2
+#: The KV-cache argument's name in the installed transformers: ``cache`` since it was renamed in 5.x, before that
+#: ``past_key_values`` (passing the old name to a newer version warns on every forward).
+CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def is_owned(param_name: str) -> bool:
@@ -149,10 +152,9 @@ class PositionBlockMixin:
         hidden_states: torch.Tensor,  # (batch, seq, hidden)
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs,
+        **kwargs,  # the KV cache under CACHE_ARG, and attention backend arguments
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
@@ -160,7 +162,6 @@ class PositionBlockMixin:
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -226,7 +227,7 @@ class PrunextForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_ARG]
 
     def __init__(self, config: PrunextConfig, out_norm_init: float = DEFAULT_OUT_NORM_INIT) -> None:
         super().__init__(config)
@@ -277,20 +278,21 @@ class PrunextForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,  # (batch, seq)
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{CACHE_ARG: past_key_values if cache is None else cache},  # either name, as transformers passes it
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (batch, seq, hidden)
@@ -302,7 +304,7 @@ class PrunextForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

@@ -212,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
 
     from prunext.core.checkpoint import save_native
     from prunext.core.loading import load_model
+    from prunext.data import check_tokenizer
     from prunext.extend import methods, plans
     from prunext.fsutil import atomic_dir
 
@@ -223,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
         layout(args, len(peeked))
     source, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
     methods.check_plan(source.plan)
+    if tokenizer is not None:  # copied into --out: refuse it here rather than at the first train or eval
+        check_tokenizer(tokenizer, source.config.vocab_size, args.model)
     num_blocks = len(source.plan)
     expansion = layout(args, num_blocks)
     settings = {"method": args.method, "dtype": args.dtype, **layout_settings(args, expansion)}

@@ -422,6 +422,8 @@ def score_blocks_offloaded(
 
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+    from prunext.core.model import CACHE_ARG
+
     mask_fns = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
     mask_kinds = _attention_mask_kinds(inner.config)
     inner.rotary_emb.to(device)
@@ -442,7 +444,7 @@ def score_blocks_offloaded(
                 config=inner.config,
                 inputs_embeds=hidden,
                 attention_mask=None,
-                past_key_values=None,
+                **{CACHE_ARG: None},
                 position_ids=position_ids,
             )
             out = _block_output(
@@ -451,7 +453,7 @@ def score_blocks_offloaded(
                     attention_mask=mask,
                     position_embeddings=inner.rotary_emb(hidden, position_ids),
                     position_ids=position_ids,
-                    past_key_values=None,
+                    **{CACHE_ARG: None},
                     use_cache=False,
                 )
             )

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -386,14 +387,17 @@ def make_optimizer(params: list | dict[str, list], settings: dict, ds_config: di
     return torch.optim.AdamW(params, **kwargs)
 
 
-def prepare_tokens(dataset, tokenizer, settings: dict, budget, out: Path, local_rank: int, wait_group):
-    """Tokenize the budget once per node (node-local rank 0) into OUT/data; every rank memory-maps it."""
+def prepare_tokens(dataset, tokenizer, settings: dict, budget, folder: Path, local_rank: int, wait_group):
+    """Tokenize the budget once per node (node-local rank 0) into ``folder`` (OUT/data); every rank memory-maps it.
+
+    A file there from an earlier run with the same data, tokenizer and budget is reused (``--resume``).
+    """
     import numpy as np
 
     from prunext.train.data import cache_name, tokenize_to_file
     from prunext.train.dist import all_ok
 
-    path = out / "data" / cache_name(settings["data"], tokenizer, budget.tokens)
+    path = folder / cache_name(settings["data"], tokenizer, budget.tokens)
     error = None
     if local_rank == 0 and not path.exists():
         try:
@@ -522,15 +526,16 @@ def resume_engine(engine, ckpt_dir: Path, state: dict, rank: int) -> int:
     return step
 
 
-def clear_out(out: Path, rank: int) -> None:
-    """``--overwrite``: empty the old run folder, once everything is checked and loaded."""
-    import shutil
-
+def clear_out(out: Path, rank: int, new_data: Path) -> None:
+    """``--overwrite``, once the model and data are checked: empty the old run folder but this run's
+    tokens (``new_data``, tokenized beside the old run), which then become ``OUT/data``."""
     import torch.distributed as dist
 
-    if rank == 0 and out.exists():
+    if rank == 0:
         for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if child.name != new_data.name:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        new_data.rename(out / "data")
     dist.barrier()
 
 
@@ -572,19 +577,21 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
     # ---- setup: model, data, engine
     model, tokenizer, counts = load_for_training(args, settings)
     settings.update(counts, vocab_size=model.config.vocab_size, grad_checkpointing=args.grad_checkpointing)
-    if args.overwrite:
-        clear_out(out, rank)
     out.mkdir(parents=True, exist_ok=True)
+    # --overwrite tokenizes beside the old run, which is emptied only once the data are accepted
+    data_dir = out / (".data-overwrite" if args.overwrite else "data")
+    if args.overwrite and local_rank == 0:
+        shutil.rmtree(data_dir, ignore_errors=True)  # left by a run killed here
     try:  # the data are read only now: a folder this run made is removed again when they are refused
-        tokens = prepare_tokens(dataset, tokenizer, settings, budget, out, local_rank, long_wait_group(max(args.dist_timeout, 6 * 3600)))
+        tokens = prepare_tokens(dataset, tokenizer, settings, budget, data_dir, local_rank, long_wait_group(max(args.dist_timeout, 6 * 3600)))
         order = BlockOrder(tokens, args.seq_len, budget, args.seed)
         held_out = eval_windows(args.eval_data, tokenizer, args.seq_len, args.eval_windows, model.config.vocab_size) if args.eval_every else None
     except UserError:
-        if created_out and rank == 0:
-            import shutil
-
-            shutil.rmtree(out, ignore_errors=True)
+        if rank == 0 and (created_out or args.overwrite):
+            shutil.rmtree(out if created_out else data_dir, ignore_errors=True)
         raise
+    if args.overwrite:
+        clear_out(out, rank, data_dir)
     engine = start_engine(model, settings, ds_config, budget, args)
     objective = make_objective(settings, ds_config, model.config.vocab_size)
     start_step = resume_engine(engine, ckpt_dir, resume, rank) if resume is not None else 0

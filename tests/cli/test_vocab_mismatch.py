@@ -4,7 +4,8 @@ The folder is a tiny Llama (vocabulary 128) saved with a tokenizer of 256
 tokens: ordinary English text gives ids up to 255. Each command must exit 2
 with one error line naming the vocabulary, and leave no output behind:
 prune (--calib, with and without --offload), eval (--ppl, --tasks), train
-(--data, --eval-data). extend reads no text and is not concerned.
+(--data, --eval-data), and extend, which reads no text but would copy the
+tokenizer into its output.
 """
 
 import subprocess
@@ -67,6 +68,12 @@ def test_eval_refuses(mismatched, tmp_path, capsys, what):
     report = tmp_path / "eval.json"
     assert main(["eval", "--model", str(mismatched), *what, "--json", str(report)]) == 2
     assert MESSAGE in _one_error_line("eval", capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_extend_refuses(mismatched, tmp_path, capsys):
+    assert main(["extend", "--model", str(mismatched), "--to-layers", "6", "--out", str(tmp_path / "grown")]) == 2
+    assert MESSAGE in _one_error_line("extend", capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -145,6 +145,20 @@ def test_data_refused_after_setup_leaves_no_out_folder(tmp_path):
     assert len(err) == 1 and "fewer than one block" in err[0], tiny.tail(proc)
     assert not out.exists()
 
+    # --overwrite empties an earlier run only once the new data are accepted
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step99")
+    (out / "metrics.jsonl").write_text("earlier run\n")
+    before = sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*"))
+    proc = tiny.run([sys.executable, "-m", "prunext", "train", *tiny.train_args(model, short, out, "--tokens", "256", "--overwrite")])
+    assert proc.returncode == 2 and "fewer than one block" in proc.stderr, tiny.tail(proc)
+    assert sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*")) == before
+    text = tiny.write_text(tmp_path / "text.txt")
+    proc = tiny.run([sys.executable, "-m", "prunext", "train", *tiny.train_args(model, text, out, "--tokens", "256", "--overwrite")])
+    assert proc.returncode == 0, tiny.tail(proc)
+    assert "earlier run" not in (out / "metrics.jsonl").read_text() and (out / "checkpoints" / "latest").read_text() != "step99"
+    assert len(list((out / "data").glob("tokens-*.npy"))) == 1 and not (out / ".data-overwrite").exists()
+
 
 def test_nan_loss_stops_naming_the_step(tmp_path):
     """A model whose output norm holds NaN gives a NaN loss at step 1: one line naming it, exit 2."""
