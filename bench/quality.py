@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak lr of the adapter/norm healing runs (default: prunext train's, 4e-3)")
     p.add_argument("--norm-lr", type=float, help="peak lr of the output-norm scales in adapter/norm healing runs (default: --lr)")
     p.add_argument("--adapter-lr", type=float, help="peak lr of the LoRA adapters in adapter/norm healing runs (default: --lr)")
+    p.add_argument("--norm-open", type=float, help="train --norm-open W for the methods with output norms (default: off)")
+    p.add_argument("--norm-open-factor", type=float, help="train --norm-open-factor F with --norm-open (default: train's, 10)")
     p.add_argument("--out-norm-init", type=float, help="prune --out-norm-init for the flexigpt methods (default: prune's)")
     p.add_argument("--loss", choices=["lm", "kd", "lm+kd", "auto"], default=None,
                    help="healing loss of every method (prunext train --loss). Default: each as it is run - "
@@ -309,6 +311,7 @@ def main() -> int:
             before = stage(run_dir / "eval-before", {**eval_key, "prune": pr["command"]},
                            lambda pruned=pruned, heal=trainable: evaluate_folder(pruned, zero_shot=heal is None))  # fmt: skip
             entry = {"prune": pr, "before": before, "healed": {}}
+            has_norms = method == "flexigpt" and "none" not in flags  # output norms: --norm-open applies
             for budget in args.budget_list if trainable else []:
                 heal = run_dir / (f"heal-{budget}" + (f"-{args.label}" if args.label else ""))
                 lr = args.lr if trainable != "all" else args.lr_all
@@ -318,6 +321,9 @@ def main() -> int:
                              *(["--lr", str(lr)] if lr is not None else []),
                              *(["--norm-lr", str(args.norm_lr)] if args.norm_lr is not None and trainable != "all" else []),
                              *(["--adapter-lr", str(args.adapter_lr)] if args.adapter_lr is not None and trainable != "all" else []),
+                             *(["--norm-open", str(args.norm_open)] if args.norm_open is not None and has_norms else []),
+                             *(["--norm-open-factor", str(args.norm_open_factor)]
+                               if args.norm_open_factor is not None and args.norm_open is not None and has_norms else []),
                              "--loss", args.loss or ("auto" if name in DEFAULT_RECIPE else "lm"),
                              "--out", str(heal / "run"), "--overwrite"]  # fmt: skip
                 key = {"train": train_cmd, "nproc": args.nproc, "prune": pr["command"], "device": args.device}
@@ -440,6 +446,7 @@ def render(info: dict, results: dict) -> str:
         f"micro-batch {s['micro_batch']} x {s['nproc']} process(es), seed {s['seed']}, ZeRO-3, lr "
         f"{s['lr'] or 'default (4e-3)'} for adapters, {s['lr_all'] or 'default (1e-4)'} for `--trainable all`"
         + "".join(f", {flag} {s[key]}" for flag, key in (("--norm-lr", "norm_lr"), ("--adapter-lr", "adapter_lr"),
+                  ("--norm-open", "norm_open"), ("--norm-open-factor", "norm_open_factor"),
                   ("--out-norm-init", "out_norm_init")) if s.get(key) is not None)
         + (f", loss {s['loss']} for every method." if s["loss"] else
            ", loss: lm for every method except prunext's default flexigpt (train's default, auto = lm+kd)."),

@@ -321,6 +321,18 @@ def write_stored_streaming(stored: dict[str, Lazy], folder: Path, dtype, max_sha
     return names
 
 
+def fold_norm_gate(stored: dict[str, Lazy], tag_dir: Path) -> dict[str, Lazy]:
+    """A tag saved while ``train --norm-open`` was still opening holds raw output-norm weights: apply its gate."""
+    from prunext.train.normopen import checkpoint_gate
+
+    gate = checkpoint_gate(tag_dir / STATE_FILE)
+    if gate == 1.0:
+        return stored
+    log.info("%s was saved while --norm-open was opening the output norms: their weights x %.4g", tag_dir.name, gate)
+    folded = {name: Lazy(lz.shape, lambda load=lz.load: load() * gate) if "_out_norm." in name else lz for name, lz in stored.items()}
+    return folded
+
+
 def _tokenizer(folder: Path):
     from prunext.core.loading import TOKENIZER_FILES
 
@@ -360,7 +372,7 @@ def convert_zero_checkpoint(
     if fmt == "hf":
         check_hf_expressible(config.plan)  # before reading any weights
     log.info("reading %s (%d ranks); model config from %s", status.folder, status.world, source)
-    stored = stored_lazy(config, open_zero3(status.folder))
+    stored = fold_norm_gate(stored_lazy(config, open_zero3(status.folder)), status.folder)
     tokenizer = _tokenizer(source)
     config.dtype = dtype
     if fmt == "hf":

@@ -97,7 +97,12 @@ class OutputNorm(nn.LayerNorm):
     def __init__(self, hidden_size: int, eps: float = 1e-5, init_scale: float = 1e-2, **factory) -> None:
         super().__init__(hidden_size, eps=eps, **factory)
         self.init_scale = init_scale
+        self.gate = 1.0  # a multiplier on the output, set by train --norm-open (prunext.train.normopen); not stored
         self.reset_scale()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out if self.gate == 1.0 else out * self.gate
 
     def reset_scale(self) -> None:
         if self.weight.device.type == "meta":

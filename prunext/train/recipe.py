@@ -43,6 +43,8 @@ budget: --tokens N (50000, 50M, 1B) or --token-fraction F of the base model's pr
 per-group learning rates: the output-norm scales, the LoRA adapters and the base weights are three
   AdamW groups; --norm-lr / --adapter-lr (and --norm-warmup / --adapter-warmup) set a group's peak lr
   and warmup, the rest follow --lr / --warmup. The schedule's shape (--schedule) is shared.
+  --norm-open W opens the output norms by schedule: their scales grow by a factor rising from 1 to
+  --norm-open-factor (10) over the first W steps, on top of what they learn.
 
 loss: lm trains on the next token; kd distils the logits of --teacher (default: the model the folder
   was pruned/extended from, per its prune/extend report), run on the same batch as a second ZeRO-3
@@ -66,6 +68,7 @@ RESUME_KEYS = (
     "model", "data", "seq_len", "micro_batch", "grad_accum", "world_size", "seed", "tokens",
     "trainable", "lr", "schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
     "norm_lr", "adapter_lr", "norm_warmup_steps", "adapter_warmup_steps", "loss", "teacher", "kd_weight", "kd_temperature",
+    "norm_open_steps", "norm_open_factor",
 )
 
 
@@ -94,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--adapter-lr", type=float, default=None, metavar="LR", help="peak lr of the LoRA adapters (default --lr)")
     opt.add_argument("--norm-warmup", type=float, default=None, metavar="W", help="warmup of the output-norm group, as --warmup (default --warmup)")
     opt.add_argument("--adapter-warmup", type=float, default=None, metavar="W", help="warmup of the adapter group, as --warmup (default --warmup)")
+    opt.add_argument("--norm-open", type=float, default=None, metavar="W",
+                     help="open the output norms over the first W steps (a fraction of the steps when < 1): their scales are "
+                     "multiplied by a factor rising linearly from 1 to --norm-open-factor, on top of what they learn (default off)")
+    opt.add_argument("--norm-open-factor", type=float, default=10.0, metavar="F", help="the factor --norm-open reaches (default 10)")
     opt.add_argument("--loss", choices=("auto", *LOSSES), default="auto",
                      help="auto (default: lm+kd when the model's prune/extend report names a source to distil from, "
                      "else lm), lm (next-token), kd (logit distillation from --teacher), lm+kd (lm + --kd-weight x kd)")
@@ -262,6 +269,12 @@ def check_args(args: argparse.Namespace, world: int) -> dict:
         value = getattr(args, flag, None)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UserError(f"--{flag.replace('_', '-')} {value} must be a number >= 0")
+    norm_open = getattr(args, "norm_open", None)
+    if norm_open is not None and not (math.isfinite(norm_open) and norm_open > 0):
+        raise UserError(f"--norm-open {norm_open} must be a number > 0 (steps, or a fraction of the steps when < 1)")
+    factor = getattr(args, "norm_open_factor", 10.0)
+    if not (math.isfinite(factor) and factor > 1):
+        raise UserError(f"--norm-open-factor {factor} must be a number > 1")
     if not (0 <= args.min_lr_ratio <= 1):
         raise UserError(f"--min-lr-ratio {args.min_lr_ratio} must be in [0, 1]")
     if args.dist_timeout <= 0:
@@ -291,11 +304,17 @@ def check_args(args: argparse.Namespace, world: int) -> dict:
         check_out_dir(out, args.overwrite)
 
     where = resolve_model_path(args.model)
-    check_plan(read_plan(where) if isinstance(where, Path) and where.is_dir() else None, args.trainable)
+    plan = read_plan(where) if isinstance(where, Path) and where.is_dir() else None
+    check_plan(plan, args.trainable)
+    if norm_open is not None and not (plan is not None and any(p.out_norm for p in plan.positions)):
+        raise UserError(f"--norm-open opens output norms, and {args.model} has none; drop --norm-open")
     tokens = resolve_tokens(args)
     teacher = resolve_teacher(args)
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     budget = make_budget(tokens, args.seq_len, micro, accum, world)
+    norm_open_steps = None if norm_open is None else max(1, warmup_steps(norm_open, budget.steps))
+    if norm_open_steps is not None and norm_open_steps > budget.steps:
+        raise UserError(f"--norm-open {norm_open:g} is more than the run's {budget.steps} steps; give at most {budget.steps}, or a fraction")
     # Last, the data sets are opened (streamed, except the small built-in text) and checked, on every rank.
     dataset = load_text_dataset(args.data, streaming=not args.data.startswith("builtin:"))
     if args.eval_every:
@@ -329,6 +348,8 @@ def check_args(args: argparse.Namespace, world: int) -> dict:
         "adapter_lr": getattr(args, "adapter_lr", None),
         "norm_warmup_steps": None if getattr(args, "norm_warmup", None) is None else warmup_steps(args.norm_warmup, budget.steps),
         "adapter_warmup_steps": None if getattr(args, "adapter_warmup", None) is None else warmup_steps(args.adapter_warmup, budget.steps),
+        "norm_open_steps": norm_open_steps,
+        "norm_open_factor": None if norm_open_steps is None else factor,
         "_ds_config": ds_config,
         "_budget": budget,
         "_dataset": dataset,
@@ -531,6 +552,7 @@ def clear_out(out: Path, rank: int, new_data: Path) -> None:
     tokens (``new_data``, tokenized beside the old run), which then become ``OUT/data``."""
     import torch.distributed as dist
 
+    dist.barrier()  # every rank has memory-mapped the new tokens before they move
     if rank == 0:
         for child in out.iterdir():
             if child.name != new_data.name:
@@ -568,6 +590,7 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
     from prunext.train.dist import long_wait_group, on_gpu
     from prunext.train.loop import NonFiniteLoss, evaluate, train_step
     from prunext.train.metrics import MetricsLog, Wandb, mfu, peak_flops
+    from prunext.train.normopen import gate_at, output_norms, prepare, set_gate
 
     out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
     ds_config, budget = settings.pop("_ds_config"), settings.pop("_budget")
@@ -580,8 +603,10 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
     out.mkdir(parents=True, exist_ok=True)
     # --overwrite tokenizes beside the old run, which is emptied only once the data are accepted
     data_dir = out / (".data-overwrite" if args.overwrite else "data")
-    if args.overwrite and local_rank == 0:
-        shutil.rmtree(data_dir, ignore_errors=True)  # left by a run killed here
+    if args.overwrite:
+        if rank == 0:
+            shutil.rmtree(data_dir, ignore_errors=True)  # left by a run killed here
+        dist.barrier()  # before any node writes there
     try:  # the data are read only now: a folder this run made is removed again when they are refused
         tokens = prepare_tokens(dataset, tokenizer, settings, budget, data_dir, local_rank, long_wait_group(max(args.dist_timeout, 6 * 3600)))
         order = BlockOrder(tokens, args.seq_len, budget, args.seed)
@@ -592,6 +617,10 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
         raise
     if args.overwrite:
         clear_out(out, rank, data_dir)
+    open_steps, factor = settings["norm_open_steps"], settings["norm_open_factor"]
+    if open_steps:  # on the plain model, before ZeRO-3 partitions it; a resumed run then loads its raw weights
+        settings["output_norms"] = prepare(model, factor)
+        norms = output_norms(model)
     engine = start_engine(model, settings, ds_config, budget, args)
     objective = make_objective(settings, ds_config, model.config.vocab_size)
     start_step = resume_engine(engine, ckpt_dir, resume, rank) if resume is not None else 0
@@ -610,6 +639,8 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
     last_saved = start_step if resume is not None else None
     state = {"settings": settings}
     step, record = start_step, {}
+    if open_steps:
+        set_gate(norms, gate_at(step, open_steps, factor))
     try:
         while step < stop:
             t0 = time.perf_counter()
@@ -619,6 +650,8 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
             loss = train_step(engine, order, step, rank, world, skips_allowed=settings["dtype"] == "float16",
                               objective=objective, parts=parts)
             step += 1
+            if open_steps:
+                set_gate(norms, gate_at(step, open_steps, factor))
             tok_s = budget.tokens_per_step / (time.perf_counter() - t0)
             grad_norm = engine.get_global_grad_norm()
             record = {
@@ -633,6 +666,7 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
                 "epoch": step * budget.global_batch / order.n_blocks,
                 "elapsed_s": time.perf_counter() - started,
                 "mfu": mfu(settings["executed_params"], tok_s, peak),
+                **({"norm_open": gate_at(step, open_steps, factor) * factor} if open_steps else {}),  # 1 -> F
             }
             if held_out is not None and (step % args.eval_every == 0 or step == budget.steps):
                 record["eval_loss"] = evaluate(engine, held_out, settings["micro_batch"], rank, world)
