@@ -62,6 +62,7 @@ outputs: OUT/metrics.jsonl (one line per step), OUT/checkpoints/stepN (DeepSpeed
 
 DEFAULT_LR = {"replacement": 4e-3, "adapters": 4e-3, "all": 1e-4}  # 4e-3: FlexiGPT's healing lr (DESIGN.md, prune path 6)
 ADAM_BETAS = (0.9, 0.95)
+DEFAULT_NORM_OPEN_FACTOR = 10.0
 ADAM_EPS = 1e-8
 #: Settings a resumed run must share with the run it continues (the data order and schedule depend on them).
 RESUME_KEYS = (
@@ -70,6 +71,8 @@ RESUME_KEYS = (
     "norm_lr", "adapter_lr", "norm_warmup_steps", "adapter_warmup_steps", "loss", "teacher", "kd_weight", "kd_temperature",
     "norm_open_steps", "norm_open_factor",
 )
+#: RESUME_KEYS added after runs were made without them: a missing one means the option was off.
+NEW_KEYS = ("norm_open_steps", "norm_open_factor")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--norm-open", type=float, default=None, metavar="W",
                      help="open the output norms over the first W steps (a fraction of the steps when < 1): their scales are "
                      "multiplied by a factor rising linearly from 1 to --norm-open-factor, on top of what they learn (default off)")
-    opt.add_argument("--norm-open-factor", type=float, default=10.0, metavar="F", help="the factor --norm-open reaches (default 10)")
+    opt.add_argument("--norm-open-factor", type=float, default=None, metavar="F", help="the factor --norm-open reaches (default 10)")
     opt.add_argument("--loss", choices=("auto", *LOSSES), default="auto",
                      help="auto (default: lm+kd when the model's prune/extend report names a source to distil from, "
                      "else lm), lm (next-token), kd (logit distillation from --teacher), lm+kd (lm + --kd-weight x kd)")
@@ -272,7 +275,10 @@ def check_args(args: argparse.Namespace, world: int) -> dict:
     norm_open = getattr(args, "norm_open", None)
     if norm_open is not None and not (math.isfinite(norm_open) and norm_open > 0):
         raise UserError(f"--norm-open {norm_open} must be a number > 0 (steps, or a fraction of the steps when < 1)")
-    factor = getattr(args, "norm_open_factor", 10.0)
+    factor = getattr(args, "norm_open_factor", None)
+    if factor is not None and norm_open is None:
+        raise UserError("--norm-open-factor goes with --norm-open; without it it means nothing")
+    factor = DEFAULT_NORM_OPEN_FACTOR if factor is None else factor
     if not (math.isfinite(factor) and factor > 1):
         raise UserError(f"--norm-open-factor {factor} must be a number > 1")
     if not (0 <= args.min_lr_ratio <= 1):
@@ -365,6 +371,8 @@ def check_resume(state: dict, settings: dict) -> None:
     """Refuse to resume with settings that would change the data order or the schedule."""
     saved = state.get("settings", {})
     for key in RESUME_KEYS:
+        if key in NEW_KEYS and key not in saved:  # a run from before the option existed ran without it
+            saved = {**saved, key: None}
         if key in saved and saved[key] != settings[key]:
             raise UserError(
                 f"--resume with {key} = {settings[key]!r}, but the run in --out used {saved[key]!r}; "
@@ -611,18 +619,18 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
         tokens = prepare_tokens(dataset, tokenizer, settings, budget, data_dir, local_rank, long_wait_group(max(args.dist_timeout, 6 * 3600)))
         order = BlockOrder(tokens, args.seq_len, budget, args.seed)
         held_out = eval_windows(args.eval_data, tokenizer, args.seq_len, args.eval_windows, model.config.vocab_size) if args.eval_every else None
+        open_steps, factor = settings["norm_open_steps"], settings["norm_open_factor"]
+        if open_steps:  # on the plain model, before ZeRO-3 partitions it; a resumed run then loads its raw weights
+            settings["output_norms"] = prepare(model, factor)
+            norms = output_norms(model)
+        engine = start_engine(model, settings, ds_config, budget, args)
+        objective = make_objective(settings, ds_config, model.config.vocab_size)  # loads and checks the teacher
     except UserError:
         if rank == 0 and (created_out or args.overwrite):
             shutil.rmtree(out if created_out else data_dir, ignore_errors=True)
         raise
-    if args.overwrite:
+    if args.overwrite:  # only now, with the data, the engine and the teacher accepted
         clear_out(out, rank, data_dir)
-    open_steps, factor = settings["norm_open_steps"], settings["norm_open_factor"]
-    if open_steps:  # on the plain model, before ZeRO-3 partitions it; a resumed run then loads its raw weights
-        settings["output_norms"] = prepare(model, factor)
-        norms = output_norms(model)
-    engine = start_engine(model, settings, ds_config, budget, args)
-    objective = make_objective(settings, ds_config, model.config.vocab_size)
     start_step = resume_engine(engine, ckpt_dir, resume, rank) if resume is not None else 0
     settings.update(steps=budget.steps, tokens_per_step=budget.tokens_per_step, tokens_used=budget.tokens,
                     global_batch=budget.global_batch, data_blocks=order.n_blocks, epochs=order.epochs)
@@ -666,7 +674,7 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
                 "epoch": step * budget.global_batch / order.n_blocks,
                 "elapsed_s": time.perf_counter() - started,
                 "mfu": mfu(settings["executed_params"], tok_s, peak),
-                **({"norm_open": gate_at(step, open_steps, factor) * factor} if open_steps else {}),  # 1 -> F
+                **({"norm_open": gate_at(step, open_steps, factor) * factor} if open_steps else {}),  # in effect after this step
             }
             if held_out is not None and (step % args.eval_every == 0 or step == budget.steps):
                 record["eval_loss"] = evaluate(engine, held_out, settings["micro_batch"], rank, world)

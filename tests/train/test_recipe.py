@@ -146,8 +146,11 @@ def test_data_refused_after_setup_leaves_no_out_folder(tmp_path):
     assert not out.exists()
 
     # --overwrite empties an earlier run only once the new data are accepted
-    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step99").mkdir(parents=True)
+    (out / "checkpoints" / "step99" / "mp_rank_00_model_states.pt").write_text("an earlier checkpoint")
     (out / "checkpoints" / "latest").write_text("step99")
+    (out / "final").mkdir()
+    (out / "final" / "stale.txt").write_text("an earlier model")
     (out / "metrics.jsonl").write_text("earlier run\n")
     before = sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*"))
     proc = tiny.run([sys.executable, "-m", "prunext", "train", *tiny.train_args(model, short, out, "--tokens", "256", "--overwrite")])
@@ -158,6 +161,7 @@ def test_data_refused_after_setup_leaves_no_out_folder(tmp_path):
     assert proc.returncode == 0, tiny.tail(proc)
     assert "earlier run" not in (out / "metrics.jsonl").read_text() and (out / "checkpoints" / "latest").read_text() != "step99"
     assert len(list((out / "data").glob("tokens-*.npy"))) == 1 and not (out / ".data-overwrite").exists()
+    assert not (out / "checkpoints" / "step99").exists() and not (out / "final" / "stale.txt").exists()
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path):
