@@ -47,10 +47,10 @@ def output_norms(model) -> list:
     return [m for m in model.modules() if isinstance(m, OutputNorm)]
 
 
-def prepare(model, factor: float) -> int:
+def prepare(model, factor: float) -> list:
     """Scale every output norm's weight and bias by ``factor`` and its gate by 1/``factor``; the function is unchanged.
 
-    Call on the plain model, before ``deepspeed.initialize`` partitions it. Returns how many output norms there are.
+    Call on the plain model, before ``deepspeed.initialize`` partitions it. Returns the output norms.
     """
     import torch
 
@@ -60,7 +60,7 @@ def prepare(model, factor: float) -> int:
             norm.weight.mul_(factor)
             norm.bias.mul_(factor)
             norm.gate = 1.0 / factor
-    return len(norms)
+    return norms
 
 
 def set_gate(norms: list, value: float) -> None:

@@ -371,11 +371,10 @@ def check_resume(state: dict, settings: dict) -> None:
     """Refuse to resume with settings that would change the data order or the schedule."""
     saved = state.get("settings", {})
     for key in RESUME_KEYS:
-        if key in NEW_KEYS and key not in saved:  # a run from before the option existed ran without it
-            saved = {**saved, key: None}
-        if key in saved and saved[key] != settings[key]:
+        # A NEW_KEYS setting missing from a run made before it existed means the option was off (None).
+        if (key in saved or key in NEW_KEYS) and saved.get(key) != settings[key]:
             raise UserError(
-                f"--resume with {key} = {settings[key]!r}, but the run in --out used {saved[key]!r}; "
+                f"--resume with {key} = {settings[key]!r}, but the run in --out used {saved.get(key)!r}; "
                 "resume with the same settings or start a new --out"
             )
 
@@ -598,7 +597,7 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
     from prunext.train.dist import long_wait_group, on_gpu
     from prunext.train.loop import NonFiniteLoss, evaluate, train_step
     from prunext.train.metrics import MetricsLog, Wandb, mfu, peak_flops
-    from prunext.train.normopen import gate_at, output_norms, prepare, set_gate
+    from prunext.train.normopen import gate_at, prepare, set_gate
 
     out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
     ds_config, budget = settings.pop("_ds_config"), settings.pop("_budget")
@@ -621,8 +620,8 @@ def train(args: argparse.Namespace, settings: dict, rank: int, local_rank: int, 
         held_out = eval_windows(args.eval_data, tokenizer, args.seq_len, args.eval_windows, model.config.vocab_size) if args.eval_every else None
         open_steps, factor = settings["norm_open_steps"], settings["norm_open_factor"]
         if open_steps:  # on the plain model, before ZeRO-3 partitions it; a resumed run then loads its raw weights
-            settings["output_norms"] = prepare(model, factor)
-            norms = output_norms(model)
+            norms = prepare(model, factor)
+            settings["output_norms"] = len(norms)
         engine = start_engine(model, settings, ds_config, budget, args)
         objective = make_objective(settings, ds_config, model.config.vocab_size)  # loads and checks the teacher
     except UserError:

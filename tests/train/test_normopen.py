@@ -31,7 +31,7 @@ def test_prepare_keeps_the_function(tmp_path):
     with torch.no_grad():
         before = model(ids).logits
         weights = [n.weight.clone() for n in output_norms(model)]
-        assert prepare(model, 10.0) == 2  # the replacement's attention and MLP output norms
+        assert len(prepare(model, 10.0)) == 2  # the replacement's attention and MLP output norms
         assert all(torch.allclose(n.weight, 10 * w) for n, w in zip(output_norms(model), weights))
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
         set_gate(output_norms(model), 1.0)  # fully open: the branch is 10x stronger

@@ -182,3 +182,15 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
     assert proc.returncode == 2, tiny.tail(proc)
     err = [line for line in proc.stderr.splitlines() if line.startswith("prunext train: error: ")]
     assert len(err) == 1 and "the loss is nan at step 1" in err[0] and "Last good checkpoint: none" in err[0], tiny.tail(proc)
+
+
+def test_resume_with_norm_open_of_a_run_made_without_it_refused(capsys, inputs):
+    """A checkpoint from before --norm-open existed has no such setting: the option was off there."""
+    root, model, text = inputs
+    ckpt = root / "older" / "checkpoints" / "step2"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "prunext_state.json").write_text(json.dumps({"step": 2, "settings": {"seq_len": 32, "seed": 0}}))
+    (ckpt.parent / "latest").write_text("step2")
+    argv = ["--model", model, "--data", text, "--tokens", "4096", "--seq-len", "32", "--out", root / "older", "--resume"]
+    line = _refused(capsys, argv + ["--norm-open", "2"])
+    assert "--resume with norm_open_steps = 2, but the run in --out used None" in line
