@@ -98,13 +98,18 @@ def test_non_empty_out_refused_and_untouched(capsys, inputs):
     assert "give one of them" in line
 
 
-def test_resume_with_other_settings_refused(capsys, inputs):
+def _resume_refused(capsys, inputs, name: str, saved: dict, *extra) -> str:
+    """Resume a run whose only checkpoint (step 2) was made with the ``saved`` settings."""
     root, model, text = inputs
-    ckpt = root / "prev" / "checkpoints" / "step2"
+    ckpt = root / name / "checkpoints" / "step2"
     ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / "prunext_state.json").write_text(json.dumps({"step": 2, "settings": {"seq_len": 64, "seed": 0}}))
+    (ckpt / "prunext_state.json").write_text(json.dumps({"step": 2, "settings": saved}))
     (ckpt.parent / "latest").write_text("step2")
-    line = _refused(capsys, ["--model", model, "--data", text, "--tokens", "4096", "--seq-len", "32", "--out", root / "prev", "--resume"])
+    return _refused(capsys, ["--model", model, "--data", text, "--tokens", "4096", "--seq-len", "32", "--out", root / name, "--resume", *extra])
+
+
+def test_resume_with_other_settings_refused(capsys, inputs):
+    line = _resume_refused(capsys, inputs, "prev", {"seq_len": 64, "seed": 0})
     assert "--resume with seq_len = 32, but the run in --out used 64" in line
 
 
@@ -186,11 +191,5 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
 
 def test_resume_with_norm_open_of_a_run_made_without_it_refused(capsys, inputs):
     """A checkpoint from before --norm-open existed has no such setting: the option was off there."""
-    root, model, text = inputs
-    ckpt = root / "older" / "checkpoints" / "step2"
-    ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / "prunext_state.json").write_text(json.dumps({"step": 2, "settings": {"seq_len": 32, "seed": 0}}))
-    (ckpt.parent / "latest").write_text("step2")
-    argv = ["--model", model, "--data", text, "--tokens", "4096", "--seq-len", "32", "--out", root / "older", "--resume"]
-    line = _refused(capsys, argv + ["--norm-open", "2"])
+    line = _resume_refused(capsys, inputs, "older", {"seq_len": 32, "seed": 0}, "--norm-open", "2")
     assert "--resume with norm_open_steps = 2, but the run in --out used None" in line
