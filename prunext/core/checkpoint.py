@@ -260,13 +260,6 @@ def build_from_hf(hf_model: nn.Module, plan: Plan, out_norm_init: float = DEFAUL
     return model.eval()
 
 
-def _resolve_dtype(dtype, config: PrunextConfig) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        stored = getattr(config, "dtype", None) or "float32"
-        return stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored).replace("torch.", ""))
-    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
-
-
 def load_native(
     path: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
@@ -274,37 +267,29 @@ def load_native(
     config: PrunextConfig | None = None,
     **hf_kwargs,
 ) -> PrunextForCausalLM:
-    """Load a native folder (what ``AutoModelForCausalLM.from_pretrained`` calls for it).
+    """Load a native folder or hub id through transformers' ``from_pretrained``, in eval mode.
 
     Args:
-        path: the folder.
-        dtype: load in this dtype; default the dtype it was saved in.
-        device: where to put the weights.
+        path: a local folder or a hub id.
+        dtype: load in this dtype; default the dtype it was saved in (``"auto"``).
+        device: where to put the weights when no ``device_map`` is given.
         config: use this config instead of the folder's.
-        **hf_kwargs: ``torch_dtype``/``device_map`` are honoured for HF compatibility, the rest ignored.
+        **hf_kwargs: any other ``from_pretrained`` argument (``revision``, ``device_map``,
+            ``attn_implementation``, ...).
 
     Raises:
         ModelError: the folder is missing, incomplete, corrupt, or its plan disagrees with its weights.
     """
     register()
     folder = Path(path)
-    if not (folder / "config.json").is_file():
+    if folder.exists() and not (folder / "config.json").is_file():
         raise ModelError(f"{folder} is not a prunext model folder (no config.json)")
-    if config is None:
-        config = PrunextConfig.from_pretrained(folder)
-    dtype = _resolve_dtype(hf_kwargs.get("torch_dtype", dtype), config)
-    device_map = hf_kwargs.get("device_map")
-    if isinstance(device_map, str) and device_map != "auto":
-        device = device_map
-    files = read_safetensors_keys(folder)
-    state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in iter_safetensors(folder, files)}
-    with init_empty_weights(include_buffers=False):
-        model = PrunextForCausalLM(config)
-    assign_stored(model, state, owned_may_be_missing=False)
-    model.config.dtype = dtype
-    gen_cfg = folder / "generation_config.json"
-    if gen_cfg.exists():
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(folder)
-    return model.to(device).eval()
+    if folder.is_dir():
+        read_safetensors_keys(folder)  # a missing or truncated weights file, in prunext's words
+    dtype = hf_kwargs.pop("torch_dtype", dtype)
+    if "device_map" not in hf_kwargs and str(device) != "cpu":
+        hf_kwargs["device_map"] = str(device)
+    model = PrunextForCausalLM.from_pretrained(
+        str(path), dtype="auto" if dtype is None else dtype, **({"config": config} if config is not None else {}), **hf_kwargs
+    )
+    return model.eval()

@@ -214,9 +214,10 @@ def _set_parameter(root: nn.Module, name: str, param: nn.Parameter) -> None:
 class PrunextForCausalLM(PreTrainedModel, GenerationMixin):
     """A causal LM whose depth is a :class:`Plan` over weight-shared base blocks.
 
-    Build one from a Hugging Face model with :func:`build_from_hf`; load and
-    save the native folder with ``from_pretrained`` / ``save_pretrained``
-    (:mod:`prunext.core.checkpoint`), which store every shared tensor once.
+    Build one from a Hugging Face model with
+    :func:`prunext.core.checkpoint.build_from_hf`. transformers' own
+    ``from_pretrained`` / ``save_pretrained`` load and save it: the shared
+    tensors are its tied weights (:meth:`position_tied_keys`), stored once.
     """
 
     config_class = PrunextConfig
@@ -242,6 +243,7 @@ class PrunextForCausalLM(PreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_positions()
+        self._tied_weights_keys = {**type(self)._tied_weights_keys, **self.position_tied_keys()}
         self.post_init()
 
     # ------------------------------------------------------------- sharing
@@ -309,17 +311,75 @@ class PrunextForCausalLM(PreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
-    # --------------------------------------------------------------- I/O
-    def save_pretrained(self, save_directory, **kwargs) -> None:  # noqa: D102 - see checkpoint.save_native
-        from prunext.core.checkpoint import save_native
+    # ------------------------------------------------------------ loading
+    def position_tied_keys(self) -> dict[str, str]:
+        """``{reused position's key: home position's key}`` for every base tensor a position shares.
 
-        save_native(self, save_directory, **kwargs)
+        These are transformers' tied weights (``_tied_weights_keys``): ``save_pretrained``
+        stores each shared tensor once under its home key, and ``from_pretrained`` ties the
+        reused keys back to it, with any loading argument (``device_map``, ``dtype``, ...).
+        """
+        plan, tied = self.plan, {}
+        for i in range(len(plan)):
+            home = plan.home_of(i)
+            if home != i:
+                for name, _ in self.model.layers[home].named_parameters():
+                    if not is_owned(name):
+                        tied[f"model.layers.{i}.{name}"] = f"model.layers.{home}.{name}"
+        return tied
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        # transformers ties only when ``tie_word_embeddings``; shared positions are tied regardless.
+        return {**super().get_expanded_tied_weights_keys(all_submodels), **self.position_tied_keys()}
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):  # noqa: D102 - see checkpoint.load_native
-        from prunext.core.checkpoint import load_native
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' own loading (local folder or hub id, ``revision``, ``dtype``, ``device_map``,
+        ``attn_implementation``, ...), made strict: a folder whose weights do not fit its plan is refused.
 
-        return load_native(pretrained_model_name_or_path, **kwargs)
+        Raises:
+            ModelError: stored keys or shapes disagree with the plan, or a weights file is corrupt.
+        """
+        from safetensors import SafetensorError
+
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        except SafetensorError as e:
+            raise ModelError(
+                f"the weights in {pretrained_model_name_or_path} are corrupt or truncated ({e}); re-create or re-copy the folder"
+            ) from e
+        except RuntimeError as e:
+            if "ignore_mismatched_sizes" not in str(e):
+                raise
+            raise ModelError(
+                f"the stored weights of {pretrained_model_name_or_path} do not fit the plan's shapes (see the report above); "
+                "the folder is inconsistent"
+            ) from e
+        check_loading_info(info, kwargs.get("ignore_mismatched_sizes", False))
+        return (model, info) if want_info else model
+
+
+def check_loading_info(info: dict, ignore_mismatched_sizes: bool = False) -> None:
+    """Refuse what transformers only warns about: a stored tensor missing, unexpected or of another shape.
+
+    Raises:
+        ModelError: naming a few of the keys.
+    """
+
+    def few(keys) -> str:
+        keys = sorted(k if isinstance(k, str) else k[0] for k in keys)
+        return f"{keys[:3]}{'...' if len(keys) > 3 else ''}"
+
+    mismatched = [] if ignore_mismatched_sizes else info.get("mismatched_keys") or []
+    if mismatched:
+        raise ModelError(f"the stored weights do not fit the plan's shapes ({few(mismatched)}); the folder is inconsistent")
+    missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
+    if missing or unexpected:
+        raise ModelError(
+            "the plan in config.json disagrees with the stored weights "
+            f"(missing {few(missing)}, unexpected {few(unexpected)}); the folder was edited or is from another model"
+        )
 
 
 def register() -> None:
