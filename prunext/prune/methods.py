@@ -1,6 +1,6 @@
 """Turn importance scores and weights into a plan and an initialised model, for each method.
 
-DESIGN.md, "The prune path" and "Baselines carried as methods". Positions
+docs/method.md, "The prune path" and "Baselines carried as methods". Positions
 keep depth order; ``Bj'`` runs block j's stored weights plus its own parts::
 
     original      B0  B1  B2  B3  B4  B5      (BI lowest: B3, B5)
@@ -118,7 +118,8 @@ def decide(
         scores: :class:`~prunext.prune.importance.BlockScores` of the metric and window
             :func:`metric_for` names for this budget.
         budget: from :func:`prunext.prune.ratio.plan_budget`; its adapter rank is
-            flexigpt's r_a (in the distance and the plan) and shortgpt-lora's rank.
+            flexigpt's r_a and shortgpt-lora's rank. In the flexigpt hybrid each replacement
+            gets its share of it (:func:`split_ranks`), and its distance is computed at that rank.
         weights: flexigpt only: :func:`block_weights` of every block.
         filter_rank: flexigpt: k of the low-rank filtering; None = no filtering.
         out_norm: flexigpt: replacement positions carry output norms.
@@ -141,9 +142,10 @@ def decide(
     if method == "flexigpt":
         if weights is None:
             raise ValueError("flexigpt needs the block weights to choose the shared blocks")
-        distances = distance_matrix(weights, pruned, kept, budget.adapter_rank, filter_rank).cpu()
-        sources = choose_sources(distances, pruned, kept)
         ranks = split_ranks(budget.adapter_rank, pruned, kept, kept_lora)
+        # each replacement is matched at the adapter rank it will really have
+        distances = distance_matrix(weights, pruned, kept, {b: ranks[b] for b in pruned}, filter_rank).cpu()
+        sources = choose_sources(distances, pruned, kept)
         # each pruned position runs its source's weights plus its own adapters and norms;
         # in the hybrid, kept blocks carry LoRA too (B = 0 at init, as shortgpt-lora)
         positions = tuple(
@@ -219,7 +221,7 @@ def build_model(source: nn.Module, pruning: Pruning, out_norm_init: float) -> nn
 
 @torch.no_grad()
 def init_adapters_svd(model: nn.Module, pruning: Pruning, weights: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
-    """Start each flexigpt replacement's adapters at the truncated SVD of ``W_i - W_j`` (DESIGN.md item 4).
+    """Start each flexigpt replacement's adapters at the truncated SVD of ``W_i - W_j`` (docs/method.md item 4).
 
     Position i (= pruned block i, replaced in place) runs kept block j: its
     ``lora_B @ lora_A`` becomes the best rank-r approximation of ``W_i - W_j``

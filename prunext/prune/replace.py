@@ -1,6 +1,6 @@
 """Which kept block replaces each pruned block, and the SVD start of its adapters.
 
-Pure tensor functions (FlexiGPT, arXiv 2501.14713, Sec. 3; DESIGN.md, "The
+Pure tensor functions (FlexiGPT, arXiv 2501.14713, Sec. 3; docs/method.md, "The
 prune path", items 3-4). For a pruned block i and a kept block j, with
 ``W-hat`` the rank-k reconstruction of a weight ("low-rank filtering", k =
 ``filter_rank``) and r = the adapter rank::
@@ -123,7 +123,7 @@ def distance_matrix(
     weights: Mapping[int, Mapping[str, torch.Tensor]],
     pruned: Sequence[int],
     kept: Sequence[int],
-    adapter_rank: int,
+    adapter_rank: int | Mapping[int, int],
     filter_rank: int | None,
 ) -> torch.Tensor:
     """``d(i, j)`` for every pruned block i and kept block j (see the module docstring).
@@ -133,7 +133,8 @@ def distance_matrix(
             ``pruned`` and ``kept``; the same linear names in every block.
         pruned: pruned blocks (rows).
         kept: kept blocks (columns).
-        adapter_rank: r, the rank the adapter can add.
+        adapter_rank: r, the rank the adapter can add: one for every pruned block, or
+            ``{pruned block: r}`` when replacements get different ranks (the hybrid's split).
         filter_rank: k of the low-rank filtering; ``None`` compares the raw
             weights (``d = sum ||W_i - (W_j + SVD_r(W_i - W_j))||^2``, the
             "no low-rank filtering" ablation).
@@ -141,6 +142,7 @@ def distance_matrix(
     Returns:
         (len(pruned), len(kept)) float64.
     """
+    ranks = adapter_rank if isinstance(adapter_rank, Mapping) else dict.fromkeys(pruned, adapter_rank)
     names = list(next(iter(weights.values())))
     device = weights[pruned[0]][names[0]].device
     out = torch.zeros(len(pruned), len(kept), dtype=torch.float64, device=device)
@@ -148,7 +150,7 @@ def distance_matrix(
         for name in names:
             kept_w = torch.stack([weights[j][name] for j in kept]).to(torch.float64)  # (J, m, n)
             for row, i in enumerate(pruned):
-                out[row] += tail_energy(weights[i][name].to(torch.float64) - kept_w, adapter_rank)
+                out[row] += tail_energy(weights[i][name].to(torch.float64) - kept_w, ranks[i])
         return out
     for name in names:
         # W-hat of each block once, as factors
@@ -156,7 +158,7 @@ def distance_matrix(
         left_j = torch.stack([factors[j][0] for j in kept])  # (J, m, k)
         right_j = torch.stack([factors[j][1] for j in kept])  # (J, n, k)
         for row, i in enumerate(pruned):
-            out[row] += factored_tail_energy(*factors[i], left_j, right_j, adapter_rank)
+            out[row] += factored_tail_energy(*factors[i], left_j, right_j, ranks[i])
     return out
 
 
@@ -174,7 +176,7 @@ def svd_adapter(target: torch.Tensor, source: torch.Tensor, rank: int) -> tuple[
     """LoRA factors that make ``source + B @ A`` the best rank-r approximation of ``target``.
 
     From the truncated SVD ``target - source ~ U_r S_r V_r^T`` (FlexiGPT Sec. 3;
-    DESIGN.md item 4): ``B = U_r S_r^{1/2}``, ``A = S_r^{1/2} V_r^T``, so with
+    docs/method.md item 4): ``B = U_r S_r^{1/2}``, ``A = S_r^{1/2} V_r^T``, so with
     LoRA scale 1 the update is exactly ``U_r S_r V_r^T`` and the error is
     ``sum_{t > r} sigma_t(target - source)^2``. Unfiltered weights are used.
 

@@ -123,7 +123,7 @@ def test_hybrid_moves_adapter_rank_to_kept_blocks_and_stores_the_same_adapter_pa
     hybrid, pruning, _, _ = _flexigpt(hf, adapter_rank=4, kept_lora=0.5)
     # 2 replacements x rank 4 = 8 rank units; half go to the 4 kept blocks (rank 1 each), half stay (rank 2 each)
     ranks = [p.lora_rank for p in pruning.plan.positions]
-    assert ranks == [1, 2, 1, 1, 2, 1] and pruning.sources == pure_pruning.sources
+    assert ranks == [1, 2, 1, 1, 2, 1] and pruning.pruned == pure_pruning.pruned
     assert [p.lora_rank for p in pure_pruning.plan.positions] == [0, 4, 0, 0, 4, 0]
     assert all(p.out_norm == (i in pruning.sources) for i, p in enumerate(pruning.plan.positions))
     assert pruning.trainable_positions == list(range(6))
@@ -220,3 +220,26 @@ def test_an_already_pruned_model_is_refused_as_a_source(tiny_hf):
     pruned = build_from_hf(tiny_hf("llama", layers=4), Plan((Position(0), Position(2)), 4))
     with pytest.raises(UserError, match="plain or identity-plan model"):
         methods.check_source(pruned)
+
+
+def test_hybrid_matches_each_replacement_at_the_rank_it_really_gets(tiny_hf):
+    """With --kept-lora 0.5 a replacement gets half the adapter rank, and the distance that picks its
+    shared block is computed at that half: here the pick flips between rank 4 and rank 2.
+
+    Singular values of W_j - W_i for the pruned blocks (W_i = 0): block 0 [10, 10, 4] (tail 16 at
+    rank 2, 0 at rank 4), block 2 [2, 2, 2, 2, 2] (12 at rank 2, 4 at rank 4), blocks 3, 5 far away.
+    """
+    from prunext.prune.replace import distance_matrix
+
+    hf = tiny_hf("llama", layers=6)
+    budget = plan_budget("flexigpt", ModelSizes.from_model(hf), 0.25, adapter_rank=4, out_norm=True)
+    spectra = {0: [10, 10, 4], 2: [2] * 5, 3: [20] * 8, 5: [20] * 8, 1: [], 4: []}
+    weights = {b: {"w": torch.diag(torch.tensor(s + [0.0] * (8 - len(s)), dtype=torch.float64))} for b, s in spectra.items()}
+    pure = methods.decide(_bi(), budget, weights, filter_rank=None, kept_lora=0.0)
+    hybrid = methods.decide(_bi(), budget, weights, filter_rank=None, kept_lora=0.5)
+    assert pure.pruned == hybrid.pruned == [1, 4]
+    assert [hybrid.plan.positions[b].lora_rank for b in (1, 4)] == [2, 2]
+    assert pure.sources == {1: 0, 4: 0}  # at rank 4 block 0 fits exactly
+    assert hybrid.sources == {1: 2, 4: 2}  # at the rank 2 they get, block 2 is closer
+    torch.testing.assert_close(hybrid.distances, distance_matrix(weights, [1, 4], [0, 2, 3, 5], 2, None), rtol=0, atol=0)
+    assert hybrid.distances[0].tolist()[:2] == pytest.approx([16.0, 12.0])
