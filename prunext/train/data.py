@@ -217,3 +217,25 @@ def eval_windows(data: str, tokenizer, seq_len: int, n_windows: int, vocab_size:
     tokens = token_stream(texts_of(load_text_dataset(data)), tokenizer, max_tokens=n_windows * seq_len)
     check_vocab(tokens, vocab_size)
     return windows(tokens, seq_len)
+
+
+def prepare_tokens(dataset, tokenizer, data: str, vocab_size: int, budget: Budget, folder: Path, local_rank: int, wait_group):
+    """Tokenize the budget once per node (node-local rank 0) into ``folder`` (OUT/data); every rank memory-maps it.
+
+    A file there from an earlier run with the same data, tokenizer and budget is reused (``--resume``).
+    """
+    import time
+
+    from prunext.train.dist import all_ok
+
+    path = folder / cache_name(data, tokenizer, budget.tokens)
+    error = None
+    if local_rank == 0 and not path.exists():
+        try:
+            start = time.perf_counter()
+            count = tokenize_to_file(dataset, tokenizer, budget.tokens, path, vocab_size)
+            log.info("tokenized %s tokens of %s in %.1f s into %s", f"{count:,}", data, time.perf_counter() - start, path)
+        except Exception as e:  # every rank learns of it, instead of waiting out the timeout
+            error = e
+    all_ok(error, group=wait_group)
+    return np.load(path, mmap_mode="r")

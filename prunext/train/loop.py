@@ -8,13 +8,18 @@ and evaluation gives every rank the same number of windows.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from prunext.errors import UserError
 from prunext.train.data import BlockOrder
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(UserError):
@@ -96,3 +101,98 @@ def evaluate(engine, windows: torch.LongTensor, micro: int, rank: int, world: in
     engine.train()
     dist.all_reduce(total)
     return (total[0] / total[1]).item()
+
+
+def run_steps(engine, order: BlockOrder, run, start_step: int, rank: int, world: int, *, objective, held_out, norms,
+              facts: dict, out, executed_params: int) -> tuple[int, dict]:
+    """The step loop from ``start_step`` to the budget's end or ``--stop-at``: metrics, evaluation, checkpoints.
+
+    Args:
+        engine: the student's DeepSpeed engine.
+        order: the block order of the run's tokens.
+        run: :class:`prunext.train.settings.CheckedRun`.
+        start_step: 0, or the step a resumed checkpoint ends at.
+        objective: the kd objective, or None for lm.
+        held_out: fixed held-out windows for ``--eval-every``, or None.
+        norms: the output norms ``--norm-open`` gates, or None.
+        facts: the recorded settings (saved with every checkpoint).
+        out: the run folder.
+        executed_params: parameters one forward runs, for MFU.
+
+    Returns:
+        ``(step reached, the last step's metrics record)``.
+
+    Raises:
+        NonFiniteLoss: naming the last good checkpoint.
+    """
+    from tqdm.auto import tqdm
+
+    from prunext.train import checkpoints
+    from prunext.train.dist import on_gpu
+    from prunext.train.metrics import MetricsLog, Wandb, mfu, peak_flops
+    from prunext.train.normopen import gate_at, set_gate
+
+    settings, options, budget = run.settings, run.options, run.budget
+    out, ckpt_dir = Path(out), Path(out) / "checkpoints"
+    open_steps, factor = settings.norm_open_steps, settings.norm_open_factor
+    resumed = run.resume is not None
+    peak = peak_flops(torch.cuda.get_device_name() if on_gpu() else "cpu", settings.dtype)
+    metrics = MetricsLog(out / "metrics.jsonl", active=rank == 0, resume_step=start_step if resumed else None)
+    wandb = Wandb(rank == 0 and options.report_to == "wandb", out, facts, options.wandb_project, resumed)
+    bar = tqdm(total=budget.steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    stop = budget.steps if options.stop_at is None else min(options.stop_at, budget.steps)
+    started = time.perf_counter()
+    last_saved = start_step if resumed else None
+    state = {"settings": facts}
+    step, record = start_step, {}
+    if open_steps:
+        set_gate(norms, gate_at(step, open_steps, factor))
+    try:
+        while step < stop:
+            t0 = time.perf_counter()
+            lrs = engine.get_lr()  # one per optimizer group: norms, adapters, base (those present)
+            lr = lrs[-1]
+            parts: dict = {}
+            loss = train_step(engine, order, step, rank, world, skips_allowed=settings.dtype == "float16",
+                              objective=objective, parts=parts)
+            step += 1
+            if open_steps:
+                set_gate(norms, gate_at(step, open_steps, factor))
+            tok_s = budget.tokens_per_step / (time.perf_counter() - t0)
+            grad_norm = engine.get_global_grad_norm()
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                **({"group_lrs": lrs} if len(lrs) > 1 else {}),
+                **{f"{k}_loss": v for k, v in parts.items()},
+                "tokens": step * budget.tokens_per_step,
+                "tokens_per_s": tok_s,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "epoch": step * budget.global_batch / order.n_blocks,
+                "elapsed_s": time.perf_counter() - started,
+                "mfu": mfu(executed_params, tok_s, peak),
+                **({"norm_open": gate_at(step, open_steps, factor) * factor} if open_steps else {}),  # in effect after this step
+            }
+            if held_out is not None and (step % options.eval_every == 0 or step == budget.steps):
+                record["eval_loss"] = evaluate(engine, held_out, settings.micro_batch, rank, world)
+                record["eval_ppl"] = math.exp(min(record["eval_loss"], 50))
+            metrics.write(record)
+            wandb.log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            if rank == 0 and (step % options.log_every == 0 or step == stop):
+                extra = f" eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+                extra += f" mfu {record['mfu']:.1%}" if record["mfu"] is not None else ""
+                log.info("step %d/%d loss %.4f lr %.3e tokens/s %s%s", step, budget.steps, loss, lr, f"{tok_s:,.0f}", extra)
+            if (options.save_every and step % options.save_every == 0) or step == stop:
+                state.update(step=step, tokens=step * budget.tokens_per_step)
+                checkpoints.save(engine, ckpt_dir, step, state, rank, options.keep_checkpoints)
+                last_saved = step
+    except NonFiniteLoss as e:
+        good = ckpt_dir / checkpoints.tag_of(last_saved) if last_saved else "none (no checkpoint was saved yet)"
+        raise NonFiniteLoss(f"{e}; stopped before applying it. Last good checkpoint: {good}; lower --lr and --resume, or restart") from None
+    finally:
+        bar.close()
+        wandb.finish()
+    return step, record

@@ -5,7 +5,6 @@ the model and the data are touched. One case runs the real command line to
 show stderr holds exactly that line.
 """
 
-import argparse
 import json
 import subprocess
 import sys
@@ -14,8 +13,6 @@ from pathlib import Path
 import pytest
 
 from prunext.cli import main
-from prunext.core.loading import BUILTIN_MODELS
-from prunext.train.recipe import resolve_tokens
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
@@ -111,19 +108,6 @@ def _resume_refused(capsys, inputs, name: str, saved: dict, *extra) -> str:
 def test_resume_with_other_settings_refused(capsys, inputs):
     line = _resume_refused(capsys, inputs, "prev", {"seq_len": 64, "seed": 0})
     assert "--resume with seq_len = 32, but the run in --out used 64" in line
-
-
-def test_token_fraction_follows_prune_reports(tmp_path):
-    pruned = tmp_path / "pruned"
-    grown = tmp_path / "grown"
-    pruned.mkdir()
-    grown.mkdir()
-    (pruned / "prune_report.json").write_text(json.dumps({"model": "builtin:smollm2-135m"}))
-    (grown / "extend_report.json").write_text(json.dumps({"model": str(pruned)}))
-    args = argparse.Namespace(tokens=None, token_fraction=0.001, pretrain_tokens=None, model=str(grown))
-    assert resolve_tokens(args) == BUILTIN_MODELS["smollm2-135m"].pretrain_tokens // 1000
-    args.pretrain_tokens = "3B"
-    assert resolve_tokens(args) == 3_000_000
 
 
 def test_real_command_line_prints_one_line(inputs):

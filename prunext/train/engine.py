@@ -1,0 +1,157 @@
+"""The model, its DeepSpeed ZeRO-3 engine, the optimizer, the teacher, and saving ``final/``.
+
+Build order matters under ZeRO-3: the graph (sharing, adapters, what trains)
+is final before ``deepspeed.initialize``, which partitions every
+``nn.Parameter`` once; a shared tensor stays one parameter registered in every
+position that runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from prunext.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ADAM_BETAS = (0.9, 0.95)
+ADAM_EPS = 1e-8
+
+
+def load_for_training(settings, grad_checkpointing: bool):
+    """The model in the config's dtype with ``--trainable`` applied, its tokenizer, and parameter counts.
+
+    Args:
+        settings: :class:`prunext.train.settings.TrainSettings`.
+        grad_checkpointing: recompute activations in backward (non-reentrant).
+    """
+    import torch
+
+    from prunext.core.loading import load_model, require_tokenizer
+    from prunext.data import check_tokenizer
+    from prunext.train.trainable import executed_params, freeze
+
+    torch.manual_seed(settings.seed)
+    model, tokenizer = load_model(settings.model, dtype=getattr(torch, settings.dtype))
+    tokenizer = require_tokenizer(tokenizer, settings.model)
+    check_tokenizer(tokenizer, model.config.vocab_size, settings.model)  # before --out is made or any text is read
+    trainable, total = freeze(model, settings.trainable)
+    counts = {"trainable_params": trainable, "total_params": total, "executed_params": executed_params(model)}
+    model.config.use_cache = False
+    if grad_checkpointing:
+        # Reentrant checkpointing fires a shared parameter's gradient hook twice (DeepSpeed #2103).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train(), tokenizer, counts
+
+
+def group_lrs(settings: Mapping, groups) -> list[tuple[float, int]]:
+    """(peak lr, warm-up steps) of each optimizer group: ``--norm-lr``/``--adapter-lr`` where given, else ``--lr``."""
+    out = []
+    for g in groups:
+        key = {"norms": "norm", "adapters": "adapter"}.get(g)
+        lr = settings.get(f"{key}_lr") if key else None
+        warmup = settings.get(f"{key}_warmup_steps") if key else None
+        out.append((settings["lr"] if lr is None else lr, settings["warmup_steps"] if warmup is None else warmup))
+    return out
+
+
+def make_optimizer(params: list | dict[str, list], settings: Mapping, ds_config: dict):
+    """AdamW over the trainable tensors: DeepSpeed's CPU Adam when optimizer states are offloaded, else torch's.
+
+    ``params``: a list (one group at ``settings["lr"]``) or :func:`prunext.train.trainable.param_groups`'s
+    dict, which becomes one parameter group per kind with its own peak lr (see :func:`group_lrs`).
+    ``settings``: :meth:`TrainSettings.as_dict` or any mapping with its optimizer keys.
+    """
+    import torch
+
+    from prunext.train.dsconfig import offloads_optimizer
+
+    if isinstance(params, dict):
+        params = [{"params": ps, "lr": lr, "name": g} for (g, ps), (lr, _) in zip(params.items(), group_lrs(settings, params))]
+    kwargs = {"lr": settings["lr"], "betas": ADAM_BETAS, "eps": ADAM_EPS, "weight_decay": settings["weight_decay"]}
+    if offloads_optimizer(ds_config):
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+        except Exception as e:  # the op needs a C++ toolchain to JIT-build
+            log.warning("DeepSpeedCPUAdam is unavailable (%s); using torch AdamW on the offloaded states (slower)", str(e).splitlines()[0])
+            ds_config["zero_force_ds_cpu_optimizer"] = False
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def start_engine(model, settings, ds_config: dict, budget):
+    """``deepspeed.initialize`` on the finished graph: sharing and freezing must not change after this."""
+    import deepspeed
+
+    from prunext.train.schedule import make_scheduler
+    from prunext.train.trainable import param_groups
+
+    recorded = settings.as_dict()
+    groups = param_groups(model)
+    optimizer = make_optimizer(groups, recorded, ds_config)
+    warmups = [w for _, w in group_lrs(recorded, groups)]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: make_scheduler(opt, budget.steps, warmups, settings.schedule, settings.min_lr_ratio),
+        config=ds_config,
+    )
+    return engine
+
+
+def make_objective(settings, ds_config: dict, vocab_size: int):
+    """The ``--loss`` objective; for kd the teacher becomes a ZeRO-3 engine without an optimizer (None for lm)."""
+    if settings.loss == "lm":
+        return None
+    import deepspeed
+    import torch
+
+    from prunext.core.loading import load_model
+    from prunext.train.objective import Objective
+
+    teacher, _ = load_model(settings.teacher, dtype=getattr(torch, settings.dtype))
+    if teacher.config.vocab_size != vocab_size:
+        raise UserError(
+            f"--teacher {settings.teacher} has a vocabulary of {teacher.config.vocab_size} and the model {vocab_size}; "
+            "distillation needs the same tokenizer: give the model it was pruned or extended from"
+        )
+    teacher.config.use_cache = False
+    teacher.requires_grad_(False)
+    config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    engine, _, _, _ = deepspeed.initialize(model=teacher.eval(), config=config)
+    engine.eval()
+    return Objective(settings.loss, engine, settings.kd_weight, settings.kd_temperature)
+
+
+def resume_engine(engine, ckpt_dir: Path, state: dict, rank: int) -> int:
+    """Load the checkpoint ``state`` names; drop newer unfinished ones; return the step it ends at."""
+    import torch.distributed as dist
+
+    from prunext.train import checkpoints
+
+    engine.load_checkpoint(str(ckpt_dir), tag=state["tag"])
+    step = int(state["step"])
+    if rank == 0:
+        dropped = checkpoints.drop_newer(ckpt_dir, step)
+        note = f"; removed unfinished later checkpoints {dropped}" if dropped else ""
+        log.info("resuming from %s (step %d)%s", ckpt_dir / state["tag"], step, note)
+    dist.barrier()
+    return step
+
+
+def save_final(engine, tokenizer, folder: Path, rank: int) -> None:
+    """Gather every ZeRO-3 partition and write the native folder on rank 0 (shared tensors once)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from prunext.core.checkpoint import save_native
+
+    model = engine.module
+    model.config.use_cache = True
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        if rank == 0:
+            save_native(model, folder, tokenizer=tokenizer, overwrite=True)
+    dist.barrier()
