@@ -39,8 +39,14 @@ def check_out_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``path`` when the block finishes without error.
 
-    On error the temporary folder is removed and ``path`` is untouched. With
-    ``overwrite`` an existing ``path`` is moved aside, replaced, then deleted.
+    On error the temporary folder is removed and ``path`` is untouched. The new
+    folder's files and the folder itself are flushed to disk (fsync) before it
+    is renamed into place. With ``overwrite`` an existing ``path`` is swapped
+    with the new folder in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so
+    at every moment either the old or the new folder is at ``path``; the old one
+    is deleted afterwards. Where the exchange is not available (another OS or
+    file system) the old folder is moved aside first, and for that moment
+    ``path`` is absent while both copies exist on disk.
     """
     path = check_out_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,31 +56,90 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the final folder gets the usual permissions
     try:
         yield tmp
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if path.exists() and exchange(tmp, path):
+        fsync_dir(path.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+        return
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         os.replace(path, old)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it, new files) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every folder, deepest first."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            file = Path(folder) / name
+            if file.is_symlink():
+                continue
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(folder))
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where unsupported."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a flushed temporary file and a rename: the old or the new file, whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     """Write ``obj`` as JSON to ``path`` via a temporary file and a rename."""
     import json
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")

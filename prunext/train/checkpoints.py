@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from prunext.errors import UserError
+from prunext.fsutil import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +35,6 @@ _TAG = re.compile(r"step(\d+)")
 
 def tag_of(step: int) -> str:
     return f"step{step}"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a synced temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def latest_state(ckpt_dir: Path) -> dict | None:

@@ -21,6 +21,8 @@ import logging
 import os
 from pathlib import Path
 
+from prunext.fsutil import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 #: Dense bf16/fp16 peak FLOP/s per GPU (vendor datasheets, without sparsity).
@@ -54,7 +56,8 @@ class MetricsLog:
     """Append-only ``metrics.jsonl`` on rank 0 (other ranks hold a no-op instance).
 
     On resume the lines after the checkpoint's step are dropped, since those
-    steps are redone, so the file reads like one uninterrupted run.
+    steps are redone, so the file reads like one uninterrupted run; the kept
+    lines go to a temporary file renamed over the old one.
     """
 
     def __init__(self, path: Path, active: bool, resume_step: int | None = None) -> None:
@@ -71,7 +74,8 @@ class MetricsLog:
                         kept.append(line)
                 except (json.JSONDecodeError, KeyError, TypeError):
                     break  # a line cut by a kill: everything after it is redone
-        path.write_text("".join(line + "\n" for line in kept))
+        # a new file renamed over the old one: a kill during resume leaves one or the other, whole
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if not self.active:

@@ -69,13 +69,35 @@ def test_kv_cache_generation_equals_uncached(tiny_hf, family):
 
 
 def test_gradient_of_shared_weight_is_sum_over_positions(tiny_hf):
-    model = build_from_hf(tiny_hf("llama"), shared_plan(out_norm=False)).train()
+    """A shared block's gradient equals the sum of the gradients its positions would get as separate copies."""
+    import copy
+
+    from torch import nn
+
+    hf = tiny_hf("llama")
+    model = build_from_hf(hf, shared_plan(out_norm=False)).train()
+    # the same network with untied copies: blocks 0, 1, 1', 3, 3' (adapters start at B = 0, so they add nothing)
+    untied = copy.deepcopy(hf).train()
+    layers = [untied.model.layers[i] for i in (0, 1)] + [copy.deepcopy(untied.model.layers[1])]
+    layers += [untied.model.layers[3], copy.deepcopy(untied.model.layers[3])]
+    for idx, layer in enumerate(layers):
+        layer.self_attn.layer_idx = idx
+    untied.model.layers = nn.ModuleList(layers)
+    untied.config.num_hidden_layers = 5
     x = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(3))
-    model(x, labels=x).loss.backward()
-    shared = model.model.layers[1].mlp.up_proj.weight
-    assert shared.grad is not None and shared.grad.abs().sum() > 0
-    # the same Parameter object: one .grad accumulating both positions' contributions
-    assert model.model.layers[2].mlp.up_proj.weight.grad is shared.grad
+    loss = model(x, labels=x).loss
+    reference = untied(x, labels=x).loss
+    torch.testing.assert_close(loss, reference, rtol=0, atol=1e-6)
+    loss.backward()
+    reference.backward()
+    for home, reuse in ((1, 2), (3, 4)):
+        for name in ("mlp.up_proj.weight", "self_attn.q_proj.weight", "input_layernorm.weight"):
+            shared = model.model.layers[home].get_parameter(name)
+            assert model.model.layers[reuse].get_parameter(name) is shared  # one Parameter, one .grad
+            expected = untied.model.layers[home].get_parameter(name).grad + untied.model.layers[reuse].get_parameter(name).grad
+            torch.testing.assert_close(shared.grad, expected, rtol=1e-5, atol=1e-7, msg=name)
+            # and each position really contributes: neither copy's gradient alone is the sum
+            assert not torch.allclose(shared.grad, untied.model.layers[home].get_parameter(name).grad, rtol=1e-3, atol=0)
 
 
 def test_output_hidden_states_cover_every_position(tiny_hf):
