@@ -112,7 +112,7 @@ PRESETS = {
             "limit": 100, "nproc": 1, "micro_batch": 16, "device": "cuda"},
 }  # fmt: skip
 
-#: FlexiGPT (arXiv 2501.14713) at 30% on Llama-2-7B, MiniPile perplexity after healing (DESIGN.md).
+#: FlexiGPT (arXiv 2501.14713) at 30% on Llama-2-7B, MiniPile perplexity after healing (docs/method.md).
 PAPER = {"flexigpt": 6.55, "shortgpt-lora": 6.71, "shortgpt": 22.76,
          "flexigpt-nofilter": 6.77, "flexigpt-nonorm": 6.68, "flexigpt-nosvd": 6.63}  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""Perplexity by prunext's one convention (DESIGN.md, "Evaluation conventions").
+"""Perplexity by prunext's one convention (docs/method.md, "Evaluation conventions").
 
 Documents are tokenized as the tokenizer does by default (BOS only if it adds
 one), each followed by EOS, concatenated, and cut into non-overlapping windows

@@ -9,7 +9,7 @@ through ``lm_eval.evaluator.evaluate`` with no hub access.
 Scoring (lm-eval's, recorded in :data:`CONVENTIONS` and in every result): for
 each choice, the summed log-probability of ``" " + choice`` given the prompt;
 ``acc`` takes the argmax, ``acc_norm`` the argmax of that sum divided by the
-choice's length in characters (DESIGN.md, "Evaluation conventions").
+choice's length in characters (docs/method.md, "Evaluation conventions").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Notation: ``x_i`` is the hidden state entering block ``i`` (``x_0`` are the
 token embeddings) and ``x_L`` is what the last block returns, *before* the
 final norm. Per token ``t``, ``cos_{a,b}(t) = cos(x_a(t), x_b(t))`` over the
-hidden dimension. Three metrics (DESIGN.md, "The prune path")::
+hidden dimension. Three metrics (docs/method.md, "The prune path")::
 
     bi          BI_i      = 1 - mean_t cos_{i,i+1}(t)          per block, L scores
                 ShortGPT (Men et al. 2024, Sec. 3): remove the LOWEST first.

@@ -1,7 +1,7 @@
 """How many blocks a ``--ratio`` prunes, with every added parameter counted.
 
 ``--ratio r`` is the NET fraction of transformer-block parameters removed
-(DESIGN.md, "The prune path", item 2): what a method adds back (LoRA
+(docs/method.md, "The prune path", item 2): what a method adds back (LoRA
 adapters, output norms) is subtracted from what it removes. With L blocks of
 ``P`` parameters each, ``T = L * P``::
 

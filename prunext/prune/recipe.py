@@ -32,7 +32,7 @@ examples:
   prunext prune --model llama-2-7b/ --ratio 0.3 --method shortgpt-lora --offload --out l2-30-short-lora/
   torchrun --nproc_per_node 4 -m prunext prune --model llama-2-7b/ --ratio 0.4 --calib-tokens 262144 --out l2-40/
 
-methods (L blocks; r = --ratio; see DESIGN.md "The prune path"):
+methods (L blocks; r = --ratio; see docs/method.md "The prune path"):
   flexigpt       drop the k lowest-Block-Influence blocks; each pruned position is REPLACED IN
                  PLACE by the kept block j minimising sum over the 7 linears of
                  ||W^_i - (W^_j + SVD_ra(W^_i - W^_j))||_F^2 (W^ = rank --filter-rank

@@ -2,7 +2,7 @@
 
 Warmup is linear from ``1/warmup`` to 1 over the first ``warmup`` steps; then
 ``cosine`` decays to ``min_ratio`` along half a cosine (FlexiGPT heals with
-cosine, DESIGN.md prune path 6), ``linear`` decays linearly to ``min_ratio``, ``constant``
+cosine, docs/method.md prune path 6), ``linear`` decays linearly to ``min_ratio``, ``constant``
 stays at 1. Step ``i`` is 0-based: the factor used by the (i+1)-th optimizer
 step, which is what ``torch.optim.lr_scheduler.LambdaLR`` passes.
 """

@@ -1,7 +1,7 @@
 """What ``--trainable`` trains, decided before DeepSpeed sees the model.
 
 - ``replacement``: what prune/extend added to the positions, the LoRA adapters
-  and the output norms (FlexiGPT heals only these by default; DESIGN.md prune path 6);
+  and the output norms (FlexiGPT heals only these by default; docs/method.md prune path 6);
   :func:`prunext.core.model.is_owned` is the one place that says which they are.
 - ``adapters``: only ``lora_A``/``lora_B``.
 - ``all``: every parameter, shared base blocks included (a shared tensor gets
