@@ -18,6 +18,7 @@ VERBS: dict[str, str] = {
     "train": "prunext.train.recipe",
     "convert": "prunext.convert.recipe",
     "eval": "prunext.eval.recipe",
+    "generate": "prunext.generate.recipe",
     "demo": "prunext.demo",
 }
 

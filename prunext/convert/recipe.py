@@ -6,19 +6,22 @@ A ``--from`` that is a training run's checkpoint folder goes through :mod:`prune
 
 from __future__ import annotations
 
-HELP = "convert a model between formats: HF / GGUF / builtin / native / ZeRO-3 checkpoint -> native or plain HF"
+HELP = "convert a model between formats: HF / GGUF / builtin / native / ZeRO-3 checkpoint -> native, plain HF or GGUF"
 EPILOG = """\
 examples:
   prunext convert --from builtin:smollm2-135m --to smollm2-native/
   prunext convert --from model.Q4_1.gguf --to native/ --dtype float32
   prunext convert --from pruned/ --to pruned-hf/ --format hf --dtype bfloat16
   prunext convert --from run/checkpoints --to healed/ --verify      (newest complete ZeRO-3 tag)
+  prunext convert --from sg-lora/ --to sg-lora.gguf --format gguf --dtype float16
 
 --format native (default) writes a prunext folder: config.json with the plan,
 safetensors holding every shared tensor once, tokenizer files.
 --format hf writes the base family's plain model (loads without prunext): each
 position gets its own copy of its block's weights with its adapters merged.
 A plan with output norms cannot be expressed that way and is refused.
+--format gguf writes that dense model as one .gguf file for llama.cpp (Llama,
+Mistral, Qwen2, Qwen3), tokenizer and chat template embedded; --to is the file.
 A DeepSpeed checkpoint folder (OUT/checkpoints, OUT, or one tag folder) is
 rebuilt to full fp32 weights on one CPU process, without GPUs or the training
 world size; the newest complete tag is used unless --tag names one.
@@ -27,8 +30,8 @@ world size; the newest complete tag is used unless --tag names one.
 
 def add_arguments(parser) -> None:
     parser.add_argument("--from", dest="source", required=True, metavar="SRC", help="builtin:NAME, a native/HF folder, a .gguf file or a hub id")
-    parser.add_argument("--to", dest="out", required=True, metavar="DIR", help="output folder (must not exist or be empty)")
-    parser.add_argument("--format", choices=("native", "hf"), default="native", help="output format (default native)")
+    parser.add_argument("--to", dest="out", required=True, metavar="DIR", help="output folder (must not exist or be empty); a .gguf file for --format gguf")
+    parser.add_argument("--format", choices=("native", "hf", "gguf"), default="native", help="output format (default native)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="output dtype (default: as loaded, float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
     parser.add_argument("--tag", default=None, help="checkpoint source: the tag to convert (default: the newest complete one)")
@@ -53,6 +56,8 @@ def run(args) -> int:
     from prunext.errors import UserError
 
     log = logging.getLogger(__name__)
+    if args.format == "gguf":
+        return _run_gguf(args)
     check_out_dir(args.out, args.overwrite)
     try:
         from prunext.core.checkpoint import parse_size
@@ -114,4 +119,47 @@ def _run_checkpoint(args, ckpt_dir, tag_in_path) -> int:
           f"{done['positions']} positions, {done['tensors']} tensors, {done['params']:,} parameters stored)")
     if args.verify:
         print(verify_checkpoint_result(ckpt_dir, args.out, args.format, done["tag"]))
+    return 0
+
+
+def _run_gguf(args) -> int:
+    """A model with a dense form -> one GGUF file (:mod:`prunext.convert.gguf`), checked before loading."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from prunext.convert.gguf import check_gguf_expressible, check_gguf_out, write_gguf
+    from prunext.convert.zero import find_checkpoint_dir
+    from prunext.core.checkpoint import read_plan
+    from prunext.core.loading import load_model, require_tokenizer
+    from prunext.errors import UserError
+
+    check_gguf_out(args.out, args.overwrite)
+    for flag in ("tag", "model"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag} applies to a DeepSpeed checkpoint --from with --format native or hf")
+    if find_checkpoint_dir(args.source) is not None:
+        raise UserError(f"--format gguf converts a model, and {args.source} is a training checkpoint; "
+                        "convert it to a native folder first (prunext convert --from CKPT --to DIR)")
+    plan = read_plan(args.source)
+    if plan is not None:
+        base_type = json.loads((Path(args.source) / "config.json").read_text()).get("base_model_type", "llama")
+        check_gguf_expressible(plan, base_type)
+    dtype = args.dtype or "float32"
+    model, tokenizer = load_model(args.source, dtype=torch.float32)
+    tokenizer = require_tokenizer(tokenizer, args.source)
+    done = write_gguf(model.eval(), args.out, tokenizer, dtype=dtype, overwrite=args.overwrite)
+    print(f"converted {args.source} -> {args.out} (gguf {done['architecture']}, {dtype}, {done['positions']} blocks, "
+          f"{done['parameters']:,} parameters, {done['bytes']:,} bytes)")
+    if args.verify:
+        from transformers import AutoModelForCausalLM
+
+        from prunext.convert.zero import max_logit_diff, verify_windows
+
+        out = Path(args.out)
+        result = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+        windows = verify_windows(model.config.vocab_size)
+        diff = max_logit_diff(result, model.float().eval(), windows)
+        print(f"verify: max |logit difference| vs {args.source} = {diff:.3g} on {tuple(windows.shape)} fixed token windows")
     return 0

@@ -1,0 +1,126 @@
+"""native -> GGUF: transformers' own GGUF loader reads the file back with the same logits and tokenizer."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from prunext.cli import main
+from prunext.convert.gguf import permute_qk
+from prunext.core.checkpoint import build_from_hf, save_native
+from prunext.core.plan import LINEAR_NAMES, Plan, Position
+
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Anarchism is a political philosophy and movement."]
+
+
+def shortgpt_lora_plan() -> Plan:
+    """A shortgpt-lora plan: block 2 dropped, LoRA on every kept block (merged on export)."""
+    return Plan(tuple(Position(b, lora_rank=3, lora_targets=LINEAR_NAMES) for b in (0, 1, 3)), num_source_blocks=4)
+
+
+def _native(tiny_hf, tiny_tokenizer, folder, family, plan):
+    model = build_from_hf(tiny_hf(family), plan)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    save_native(model, folder, tokenizer=tiny_tokenizer)
+    return model.eval()
+
+
+def _load_gguf(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.mark.parametrize("family, plan", [("llama", None), ("llama", "shortgpt-lora"), ("mistral", "shortgpt-lora"), ("qwen2", "shortgpt-lora")])
+def test_gguf_round_trip_equal_logits_and_tokens(tiny_hf, tiny_tokenizer, tmp_path, family, plan):
+    plan = Plan.identity(4) if plan is None else shortgpt_lora_plan()
+    model = _native(tiny_hf, tiny_tokenizer, tmp_path / "native", family, plan)
+    out = tmp_path / "out" / "model.gguf"
+    assert main(["convert", "--from", str(tmp_path / "native"), "--to", str(out), "--format", "gguf"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]  # no temporary file left
+    loaded, tokenizer = _load_gguf(out)
+    assert len(loaded.model.layers) == len(plan)
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+    for text in SENTENCES:
+        assert tokenizer(text).input_ids == tiny_tokenizer(text).input_ids
+    assert tokenizer.eos_token == tiny_tokenizer.eos_token
+
+
+def test_gguf_half_precision_and_chat_template(tiny_hf, tiny_tokenizer, tmp_path):
+    import gguf
+
+    tiny_tokenizer = type(tiny_tokenizer).from_pretrained(_save_tok(tiny_tokenizer, tmp_path / "tok"))
+    tiny_tokenizer.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    model = _native(tiny_hf, tiny_tokenizer, tmp_path / "native", "llama", shortgpt_lora_plan())
+    for dtype, qtype, atol in (("float16", gguf.GGMLQuantizationType.F16, 2e-2), ("bfloat16", gguf.GGMLQuantizationType.BF16, 1e-1)):
+        out = tmp_path / f"{dtype}.gguf"
+        assert main(["convert", "--from", str(tmp_path / "native"), "--to", str(out), "--format", "gguf", "--dtype", dtype]) == 0
+        reader = gguf.GGUFReader(out)
+        types = {t.name: t.tensor_type for t in reader.tensors}
+        assert types["blk.0.attn_q.weight"] == qtype and types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+        loaded, tokenizer = _load_gguf(out)
+        x = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=atol)
+        assert tokenizer.chat_template == tiny_tokenizer.chat_template
+
+
+def _save_tok(tok, folder):
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_permutation_is_what_the_loader_reverses():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = torch.randn(4 * 8, 16)  # 4 kv heads of dim 8
+    processor = LlamaTensorProcessor(config={"num_attention_heads": 8, "num_key_value_heads": 4})
+    back = processor.process(permute_qk(w, 8, 4).numpy(), "blk.0.attn_k.weight").weights
+    np.testing.assert_array_equal(back, w.numpy())
+    assert not torch.equal(permute_qk(w, 8, 4), w)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("out_norm", "--format gguf cannot express output feature normalization (positions [1])"),
+        ("exists", "exists; choose another file or pass --overwrite"),
+        ("folder", "give a path ending in .gguf"),
+    ],
+)
+def test_gguf_bad_input_is_one_line_and_writes_nothing(tiny_hf, tiny_tokenizer, tmp_path, capsys, case, message):
+    plan = Plan((Position(0), Position(0, lora_rank=2, lora_targets=LINEAR_NAMES, out_norm=True), Position(2)), 4)
+    _native(tiny_hf, tiny_tokenizer, tmp_path / "native", "llama", plan if case == "out_norm" else Plan.identity(4))
+    out = tmp_path / "model.gguf"
+    if case == "exists":
+        out.write_text("mine")
+    if case == "folder":
+        out = tmp_path / "gguf-out"
+    code = main(["convert", "--from", str(tmp_path / "native"), "--to", str(out), "--format", "gguf"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("prunext convert: error: ") and message in err[-1], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["native"] + (["model.gguf"] if case == "exists" else []))
+    if case == "exists":
+        assert out.read_text() == "mine"
+
+
+def test_gguf_refuses_rope_scaling_and_overwrites_when_asked(tiny_hf, tiny_tokenizer, tmp_path, capsys):
+    hf = tiny_hf("llama")
+    hf.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    hf.save_pretrained(tmp_path / "plain")
+    tiny_tokenizer.save_pretrained(tmp_path / "plain")
+    assert main(["convert", "--from", str(tmp_path / "plain"), "--to", str(tmp_path / "a.gguf"), "--format", "gguf"]) == 2
+    assert "rope scaling of type 'linear'" in capsys.readouterr().err and not (tmp_path / "a.gguf").exists()
+
+    _native(tiny_hf, tiny_tokenizer, tmp_path / "native", "llama", Plan.identity(4))
+    (tmp_path / "b.gguf").write_text("old")
+    assert main(["convert", "--from", str(tmp_path / "native"), "--to", str(tmp_path / "b.gguf"), "--format", "gguf", "--overwrite"]) == 0
+    assert (tmp_path / "b.gguf").read_bytes()[:4] == b"GGUF"
+    assert json.loads((tmp_path / "native" / "config.json").read_text())["model_type"] == "prunext"
