@@ -98,3 +98,25 @@ def test_save_refuses_to_clobber_unless_overwrite(tiny_hf, tmp_path):
         save_native(model, out, overwrite=False)
     assert (out / "precious.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no partial folder left behind
+
+
+def test_native_folder_takes_transformers_loading_arguments(tiny_hf, tmp_path):
+    """dtype, device_map, attn_implementation and low_cpu_mem_usage go through transformers' own loading;
+    the shared tensors stay one Parameter, and transformers' own save_pretrained writes the same folder."""
+    model = perturbed(build_from_hf(tiny_hf("llama", tie=False), shared_plan()))
+    save_native(model, tmp_path / "m")
+    x = torch.randint(0, 128, (1, 7))
+    for kwargs in ({"dtype": torch.float32, "device_map": "cpu", "attn_implementation": "eager"},
+                   {"dtype": "auto", "low_cpu_mem_usage": True, "attn_implementation": "sdpa"},
+                   {"device_map": "auto"}):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", **kwargs)
+        assert loaded.model.layers[2].self_attn.q_proj.weight is loaded.model.layers[1].self_attn.q_proj.weight, kwargs
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=1e-6, msg=str(kwargs))
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert half.model.layers[2].self_attn.q_proj.lora_A.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path / "hf-saved")  # transformers' writer: shared tensors are its tied weights
+    assert stored_keys_in(tmp_path / "hf-saved") == stored_keys_in(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-saved")
+    assert torch.equal(again(x).logits, model(x).logits)
