@@ -285,21 +285,7 @@ def check_args(args: argparse.Namespace, world: int) -> CheckedRun:
         norm_open_steps=norm_open_steps,
         norm_open_factor=None if norm_open_steps is None else _norm_open_factor(args),
     )
-    options = RunOptions(
-        save_every=args.save_every,
-        keep_checkpoints=args.keep_checkpoints,
-        eval_every=args.eval_every,
-        eval_data=args.eval_data,
-        eval_windows=args.eval_windows,
-        log_every=args.log_every,
-        report_to=args.report_to,
-        wandb_project=args.wandb_project,
-        stop_at=args.stop_at,
-        dist_timeout=args.dist_timeout,
-        grad_checkpointing=args.grad_checkpointing,
-        overwrite=args.overwrite,
-        resume=args.resume,
-    )
+    options = RunOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunOptions)})  # flags of the same names
     if resume_state is not None:
         check_resume(resume_state, settings.as_dict())
     return CheckedRun(settings, options, ds_config, budget, dataset, resume_state, out_created=not out.exists())
