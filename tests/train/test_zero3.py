@@ -104,10 +104,22 @@ def test_checkpoints_are_complete_and_latest_is_last(run_a):
         assert len(list((ckpt / f"step{step}").glob("*optim_states.pt"))) == 2  # one partition per rank
 
 
-# One rerun: in one full-suite run out of several, model.embed_tokens (tied to lm_head)
-# missed 1e-5 while the losses matched; not reproduced in isolation. A real
-# regression fails both tries; the bound itself is unchanged.
-@pytest.mark.flaky(reruns=1)
+# Adam's step lr * m/(sqrt(v) + eps) is ill-conditioned where a gradient is near eps (1e-8): there a
+# rounding difference in the gradient decides the step. The ranks sum 2 micro-batches on each of 2
+# ranks, the reference one batch of 4, and fp32 sums in another order differ in the last bits (CPU
+# GEMM kernels also vary with buffer alignment, so the same order is not even repeatable across
+# processes). Measured on this model: elements whose gradient stays above 1e-6 match within 1.2e-7;
+# the ~10% below it differ by up to 1.3e-6, and the tied embedding once by more than 1e-5. So the
+# well-conditioned elements are held to 1e-6, the rest to a tenth of one step, and the global
+# gradient norm, which Adam's scale invariance would hide (a doubled shared gradient leaves its
+# update almost unchanged), to 1e-5 relative at every step.
+WELL_CONDITIONED_GRAD = 1e-6
+
+
+def _worst(diff: torch.Tensor, mask: torch.Tensor) -> float:
+    return diff[mask].max().item() if mask.any() else 0.0
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
 def test_zero3_equals_single_process_pytorch(inputs, checkpointing):
     """Shared Parameters under ZeRO-3 get the sum of their positions' gradients: same result as plain PyTorch.
@@ -135,29 +147,40 @@ def test_zero3_equals_single_process_pytorch(inputs, checkpointing):
     budget = make_budget(384, 32, micro=1, accum=2, world=2)
     assert budget.steps == 3
     order = BlockOrder(np.load(next((out / "data").glob("*.npy"))), 32, budget, seed=0)
-    params = list(model.parameters())
+    named = dict(model.named_parameters())
+    params = list(named.values())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, 3, 1, "cosine", 0.1))
-    losses = []
+    losses, norms = [], []
+    smallest = {name: torch.full_like(p, float("inf")) for name, p in named.items()}  # min |clipped grad| per element
     for step in range(3):
         batch = order.batch(order.global_blocks(step))  # (4, 32)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
+        norms.append(torch.nn.utils.clip_grad_norm_(params, clip).item())
+        for name, p in named.items():
+            torch.minimum(smallest[name], p.grad.abs(), out=smallest[name])
         opt.step()
         sched.step()
         opt.zero_grad()
         losses.append(loss.item())
 
-    assert [r["loss"] for r in read_metrics(out / "metrics.jsonl")] == pytest.approx(losses, abs=1e-5)
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["loss"] for r in records] == pytest.approx(losses, abs=1e-5)
+    assert [r["grad_norm"] for r in records] == pytest.approx(norms, rel=1e-5)
     trained = dict(load_native(out / "final").named_parameters())
     start = dict(load_native(model_dir).named_parameters())
-    reference = dict(model.named_parameters())
-    assert trained.keys() == reference.keys()
+    assert trained.keys() == named.keys()
     shared = "model.layers.1.self_attn.q_proj.weight"  # runs at positions 1 and 2
-    assert (reference[shared] - start[shared]).abs().max() > 1e-4  # it really trained
-    for name, ref in reference.items():
-        torch.testing.assert_close(trained[name], ref.detach(), atol=1e-5, rtol=0, msg=name)
+    assert (named[shared] - start[shared]).abs().max() > 1e-4  # it really trained
+    ill = 0
+    for name, ref in named.items():
+        well = smallest[name] >= WELL_CONDITIONED_GRAD
+        diff = (trained[name] - ref.detach()).abs()
+        assert _worst(diff, well) <= 1e-6, name
+        assert _worst(diff, ~well) <= lr / 10, name
+        ill += int((~well).sum())
+    assert ill < 0.2 * sum(p.numel() for p in params)  # the loose bound covers a minority of elements
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
