@@ -15,6 +15,8 @@ Flow (every model is made by the real commands)::
         prefill 1 x --prefill-len tokens; greedy decode of --decode-tokens at batch 1 (plain, and
         self-speculative for every --draft-tokens K where the model has replacement positions)
         and at batch --batch (transformers' generate)
+    once per model, in a fresh process of its own: peak resident memory of loading it, the 1 x --prefill-len
+        prefill and a --batch decode, above the same process's memory before loading
     OUT/results.json, OUT/inference.md
 
 Rows: dense, shortgpt, shortgpt-lora, flexigpt (prunext's default, --kept-lora 0.5), flexigpt-paper
@@ -153,6 +155,43 @@ def measure(model, prompt_ids, prefill_ids, args, draft_ks) -> dict:
     return row
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def peak_child(spec: str, args) -> None:
+    """Run in a fresh process: load ``spec``, prefill, decode a batch; print the peak RSS above the imports'."""
+    import resource
+
+    import torch
+
+    from prunext.core.loading import load_model
+
+    base = rss_bytes()
+    model, _ = load_model(spec, device=args.device)
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, args.prefill_len))
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        batch = ids[:, :32].repeat(args.batch, 1)
+        model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=8, min_new_tokens=8,
+                       do_sample=False, pad_token_id=0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"base_rss_bytes": base, "peak_rss_bytes": peak, "peak_above_base_bytes": peak - base}))
+
+
+def peak_memory(spec, args) -> dict:
+    """:func:`peak_child` in a subprocess, so each model's peak is its own and not the bench's."""
+    cmd = [sys.executable, __file__, "--peak-of", str(spec), "--prefill-len", str(args.prefill_len),
+           "--batch", str(args.batch), "--device", args.device]
+    proc = subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def machine() -> str:
     import torch
 
@@ -184,8 +223,12 @@ def main(argv=None) -> int:
     p.add_argument("--draft-tokens", default="1,2,3,4,6", type=lambda s: [int(k) for k in s.split(",")])
     p.add_argument("--repeats", type=int, default=2, help="interleaved passes over all models (medians reported)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--peak-of", help=argparse.SUPPRESS)  # the peak-memory child (see peak_child)
     args = p.parse_args(argv)
     args.heal_tokens = int(args.heal_tokens)
+    if args.peak_of:
+        peak_child(args.peak_of, args)
+        return 0
 
     import torch
 
@@ -209,6 +252,11 @@ def main(argv=None) -> int:
     prefill_ids = ids[: args.prefill_len].unsqueeze(0).to(args.device)
     prompt_ids = ids[:32].unsqueeze(0).to(args.device)  # a 32-token prompt from held-out text
 
+    peaks = {}
+    for label, spec in specs.items():
+        print(f"peak memory: {label}", flush=True)
+        peaks[label] = peak_memory(spec, args)
+
     passes: dict[str, list[dict]] = {label: [] for label in loaded}
     for r in range(args.repeats):
         for label, model in loaded.items():
@@ -226,6 +274,7 @@ def main(argv=None) -> int:
             "disk_bytes": disk_bytes(specs[label]),
             "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "kv_cache_bytes_prefill": ms[0]["kv_cache_bytes_prefill"],
+            "peak_rss_above_base_bytes": peaks[label]["peak_above_base_bytes"],
             "prefill_tps": args.prefill_len / med("prefill_s"),
             "decode_tps": med("decode_tps"),
             "decode_tps_batch": med("decode_tps_batch"),
@@ -260,9 +309,9 @@ def report(results: dict, args) -> str:
     lines = [f"Machine: {results['machine']}; {results['date']}.",
              f"Healing: {args.heal_tokens} tokens of {TRAIN_DATA} per healed model; greedy decoding of {args.decode_tokens} "
              f"tokens after a 32-token prompt; prefill 1 x {args.prefill_len}; medians of {args.repeats} interleaved passes; fp32.", "",
-             "| model | positions | stored params | disk MB | weights + KV(512) MB | prefill tok/s | decode tok/s b1 | "
+             "| model | positions | stored params | disk MB | weights + KV(512) MB | peak RSS MB | prefill tok/s | decode tok/s b1 | "
              f"decode tok/s b{args.batch} | self-spec tok/s (best K) | acceptance | vs plain | vs dense | identical |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         spec = ["-"] * 5
         if "best_k" in r:
@@ -272,7 +321,7 @@ def report(results: dict, args) -> str:
                     "yes" if all(r[f"spec{j}_identical"] for j in args.draft_tokens) else "NO"]
         disk = f"{r['disk_bytes'] / 1e6:.0f}" if r["disk_bytes"] else "-"
         lines.append(f"| {r['model']} | {r['positions']} | {r['stored_params'] / 1e6:.1f}M | {disk} | "
-                     f"{(r['weights_bytes'] + r['kv_cache_bytes_prefill']) / 1e6:.0f} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | "
+                     f"{(r['weights_bytes'] + r['kv_cache_bytes_prefill']) / 1e6:.0f} | {r['peak_rss_above_base_bytes'] / 1e6:.0f} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | "
                      f"{r['decode_tps_batch']:.1f} | " + " | ".join(spec) + " |")
     ks = [r for r in rows if "best_k" in r]
     if ks:
