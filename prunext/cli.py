@@ -22,6 +22,9 @@ VERBS: dict[str, str] = {
     "demo": "prunext.demo",
 }
 
+#: The command line being run, as ``["prunext", VERB, ARGS...]``, while :func:`main` runs it (model cards quote it).
+current_command: list[str] | None = None
+
 #: What to do after another rank was lost, by verb (the default: run the command again).
 LOST_RANK_ADVICE = {
     "train": "run the same command with --resume to continue from the newest complete checkpoint in --out",
@@ -79,10 +82,12 @@ def setup_logging(debug: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one verb; a user's mistake exits 2 with one line on stderr, a lost rank 1 with one line."""
+    global current_command
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
     from prunext.errors import UserError
 
+    current_command = ["prunext", *(sys.argv[1:] if argv is None else argv)]
     try:
         return int(args._run(args) or 0)
     except UserError as e:
@@ -103,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         advice = LOST_RANK_ADVICE.get(args.verb, "run the command again")
         print(f"prunext {args.verb}: error: {lost_rank_message(reason, advice)}", file=sys.stderr)
         return 1
+    finally:
+        current_command = None
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     is deleted afterwards. Where the exchange is not available (another OS or
     file system) the old folder is moved aside first, and for that moment
     ``path`` is absent while both copies exist on disk.
+
+    A folder that holds a model (``config.json``) gets its model card
+    (``README.md``, :mod:`prunext.core.card`) last, from everything written
+    into it; a README.md that prunext did not write is kept.
     """
     path = check_out_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,6 +60,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the final folder gets the usual permissions
     try:
         yield tmp
+        if (tmp / "config.json").is_file():
+            _write_card(tmp, path)
         fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -72,6 +78,17 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_card(tmp: Path, path: Path) -> None:
+    import logging
+
+    from prunext.core.card import write_model_card
+
+    try:
+        write_model_card(tmp, path)
+    except Exception:  # a card documents the model; a fault in it must not discard the model
+        logging.getLogger(__name__).warning("could not write the model card of %s", path, exc_info=True)
 
 
 def fsync_dir(folder: Path) -> None:

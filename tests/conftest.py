@@ -12,17 +12,37 @@ import torch
 # expensive to convert and identical for everyone: integration tests share it.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FAMILIES = ("llama", "mistral", "qwen2")
+from prunext.core.families import FAMILIES as REGISTRY
+
+#: Every family in the registry, as tests parametrize over it.
+FAMILIES = tuple(REGISTRY)
 
 
-def make_tiny_hf(family: str = "llama", layers: int = 4, hidden: int = 32, tie: bool = True, seed: int = 0, vocab: int = 128):
-    """A tiny random HF causal LM (2-4 layers, width 32-64) of a supported family, in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def tiny_config(family: str = "llama", layers: int = 4, hidden: int = 32, tie: bool = True, vocab: int = 128, window: int | None = None):
+    """A tiny config of ``family``: 4 heads (2 for keys and values), head size hidden/4.
 
-    extra = {"attention_bias": True} if family == "qwen2" else {}
-    if family in ("mistral", "qwen2"):
-        extra["sliding_window"] = None
-    config = AutoConfig.for_model(
+    ``window``: the sliding window where the family has one (None: no sliding). Gemma
+    alternates sliding and full layers, as its real configs do; Gemma-2 also softcaps.
+    """
+    from transformers import AutoConfig
+
+    extra: dict = {"head_dim": hidden // 4}
+    if family == "qwen2":
+        extra["attention_bias"] = True
+    if family in ("mistral", "phi3"):
+        extra["sliding_window"] = window
+    if family in ("qwen2", "qwen3"):
+        extra.update(sliding_window=window, use_sliding_window=window is not None, max_window_layers=layers // 2)
+        if window is not None:  # sliding from max_window_layers on, as Qwen's config computes it
+            extra["layer_types"] = ["full_attention" if i < layers // 2 else "sliding_attention" for i in range(layers)]
+    if family in ("gemma2", "gemma3_text"):
+        extra.update(sliding_window=window or 256, query_pre_attn_scalar=hidden // 4,
+                     layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
+        if family == "gemma2":
+            extra.update(final_logit_softcapping=3.0, attn_logit_softcapping=5.0)
+    if family in ("phi3", "olmo2"):  # their default special-token ids lie outside a tiny vocabulary
+        extra.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return AutoConfig.for_model(
         family,
         vocab_size=vocab,
         hidden_size=hidden,
@@ -34,9 +54,17 @@ def make_tiny_hf(family: str = "llama", layers: int = 4, hidden: int = 32, tie: 
         tie_word_embeddings=tie,
         **extra,
     )
+
+
+def make_tiny_hf(family: str = "llama", layers: int = 4, hidden: int = 32, tie: bool = True, seed: int = 0, vocab: int = 128,
+                 window: int | None = None):  # fmt: skip
+    """A tiny random HF causal LM (2-4 layers, width 32-64) of a supported family, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, layers, hidden, tie, vocab, window)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    # Random init leaves norms at 1 and biases at 0; perturb them so tests see every tensor.
+    # Random init leaves norms at 1 (Gemma's at 0) and biases at 0; perturb them so tests see every tensor.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):

@@ -42,7 +42,7 @@ def check_gguf_expressible(plan, model_type: str) -> None:
         positions = [i for i, p in enumerate(plan.positions) if p.out_norm]
         raise UserError(
             f"--format gguf cannot express output feature normalization (positions {positions}); "
-            "keep the native format, which loads with AutoModelForCausalLM after `import prunext`"
+            "keep the native format, which loads with AutoModelForCausalLM (trust_remote_code=True, or after `import prunext`)"
         )
     check_hf_expressible(plan)
     if model_type not in GGUF_ARCH:
@@ -190,7 +190,7 @@ def write_gguf(model, path: str | os.PathLike, tokenizer, dtype: str = "float32"
     meta = tokenizer_metadata(tokenizer, config.vocab_size)
     dense = config.base_config()
     _rope_theta(dense)  # refuse rope scaling before anything is written
-    state = plan_to_hf(stored_state_dict(model), model.plan)
+    state = plan_to_hf(stored_state_dict(model), model.plan, model.config.base_config())
     tensors = hf_to_gguf_tensors(state, dense, arch, permute)
     qtype = getattr(gguf.GGMLQuantizationType, DTYPES[dtype])
 

@@ -8,17 +8,22 @@ import torch
 
 from prunext.core.checkpoint import stored_state_dict, write_safetensors
 from prunext.core.mapping import plan_to_hf
-from prunext.core.model import SUPPORTED_FAMILIES, PrunextForCausalLM
+from prunext.core.families import FAMILIES, family_of
+from prunext.core.model import PrunextForCausalLM
 from prunext.core.plan import PlanError
 
 
-def check_hf_expressible(plan) -> None:
-    """Raise :class:`PlanError` (one line) when the plan cannot be a plain model of its family."""
-    if plan.has_out_norm:
+def check_hf_expressible(plan, model_type: str = "llama") -> None:
+    """Raise :class:`PlanError` (one line) when the plan cannot be a plain model of its family.
+
+    Output norms can be expressed where they replace the family's post-branch norms (Gemma,
+    OLMo-2), not where they are added to a pre-norm block.
+    """
+    if plan.has_out_norm and not FAMILIES.get(model_type, FAMILIES["llama"]).out_norm_replaces_post_norm:
         positions = [i for i, p in enumerate(plan.positions) if p.out_norm]
         raise PlanError(
             f"--format hf cannot express output feature normalization (positions {positions}); "
-            "keep the native format, which loads with AutoModelForCausalLM after `import prunext`"
+            "keep the native format, which loads with AutoModelForCausalLM (trust_remote_code=True, or after `import prunext`)"
         )
 
 
@@ -29,12 +34,12 @@ def write_dense_hf(model: PrunextForCausalLM, folder: Path, tokenizer=None, dtyp
     adapters merged in (:func:`prunext.core.mapping.plan_to_hf`).
     """
     plan = model.plan
-    check_hf_expressible(plan)
-    state = plan_to_hf(stored_state_dict(model), plan)
+    check_hf_expressible(plan, model.config.base_model_type)
+    config = model.config.base_config()
+    state = plan_to_hf(stored_state_dict(model), plan, config)
     if dtype is not None:
         state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
-    config = model.config.base_config()
-    config.architectures = [SUPPORTED_FAMILIES[model.config.base_model_type].replace("DecoderLayer", "ForCausalLM")]
+    config.architectures = [family_of(config.model_type).causal_lm_class]
     config.dtype = dtype or model.dtype
     config.save_pretrained(folder)
     if model.generation_config is not None:

@@ -43,7 +43,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import json
     import logging
+    from pathlib import Path
 
     import torch
 
@@ -75,7 +77,8 @@ def run(args) -> int:
     if args.format == "hf":
         plan = read_plan(args.source)
         if plan is not None:
-            check_hf_expressible(plan)
+            base_type = json.loads((Path(args.source) / "config.json").read_text()).get("base_model_type", "llama")
+            check_hf_expressible(plan, base_type)
     dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
     model, tokenizer = load_model(args.source, dtype=dtype)
     with atomic_dir(args.out, args.overwrite) as tmp:
@@ -83,6 +86,8 @@ def run(args) -> int:
             write_dense_hf(model, tmp, tokenizer=tokenizer)
         else:
             write_native(model, tmp, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
+        (tmp / "convert_report.json").write_text(json.dumps({"from": str(args.source), "format": args.format,
+                                                             "dtype": str(dtype).replace("torch.", "")}, indent=2) + "\n")
     log.info("wrote %s model (%d positions) to %s", args.format, len(model.plan), args.out)
     print(f"converted {args.source} -> {args.out} ({args.format}, {str(dtype).replace('torch.', '')}, {len(model.plan)} positions)")
     if args.verify:

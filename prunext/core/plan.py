@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass, field
 
 from prunext.errors import UserError
 
-#: The seven linears of a Llama-family block, in the order the block runs them.
+#: The seven logical linears of a block, in the order the block runs them. Every family has
+#: them; where a family fuses some (Phi-3's ``qkv_proj``, ``gate_up_proj``) they are the fused
+#: weight's parts (:mod:`prunext.core.families` says where each one is).
 LINEAR_NAMES: tuple[str, ...] = (
     "q_proj",
     "k_proj",
@@ -30,17 +32,6 @@ LINEAR_NAMES: tuple[str, ...] = (
     "up_proj",
     "down_proj",
 )
-
-#: Module path of each linear inside a block.
-LINEAR_PATHS: dict[str, str] = {
-    "q_proj": "self_attn.q_proj",
-    "k_proj": "self_attn.k_proj",
-    "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj",
-    "gate_proj": "mlp.gate_proj",
-    "up_proj": "mlp.up_proj",
-    "down_proj": "mlp.down_proj",
-}
 
 PLAN_VERSION = 1
 

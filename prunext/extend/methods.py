@@ -26,7 +26,8 @@ from torch import nn
 from prunext.core.checkpoint import build_from_hf, stored_state_dict
 from prunext.core.mapping import split_layer_key
 from prunext.core.model import DEFAULT_OUT_NORM_INIT, PrunextForCausalLM
-from prunext.core.plan import LINEAR_PATHS, Plan
+from prunext.core.families import family_of
+from prunext.core.plan import Plan
 from prunext.errors import UserError
 from prunext.extend.plans import Expansion
 
@@ -96,7 +97,7 @@ def build_flexigpt(
 
 # --------------------------------------------------------- dense methods
 def dense_state(
-    state: dict[str, torch.Tensor], expansion: Expansion, zero_residual_writes: bool
+    state: dict[str, torch.Tensor], expansion: Expansion, zero_residual_writes: bool, config=None
 ) -> dict[str, torch.Tensor]:
     """A plain L-block state dict -> a plain N-block one laid out as ``expansion``.
 
@@ -104,9 +105,12 @@ def dense_state(
     clones, with ``o_proj`` and ``down_proj`` (weights and any biases) zeroed
     when ``zero_residual_writes`` (LLaMA Pro).
 
+    ``config`` is the family's config (where ``o_proj`` and ``down_proj`` are); None: Llama's layout.
+
     Raises:
         KeyError: on a key that is neither global nor a block tensor.
     """
+    slots = family_of("llama" if config is None else config.model_type).slots(config)
     blocks: dict[int, dict[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -115,7 +119,7 @@ def dense_state(
             out[key] = tensor
         else:
             blocks.setdefault(parts[0], {})[parts[1]] = tensor
-    zeroed = tuple(LINEAR_PATHS[name] + "." for name in ZEROED_LINEARS)
+    zeroed = tuple(slots[name].path + "." for name in ZEROED_LINEARS)  # never fused in a family here
     for pos, (source, is_new) in enumerate(zip(expansion.sources, expansion.new)):
         for rest, tensor in blocks[source].items():
             if is_new:
@@ -134,11 +138,11 @@ def build_dense(model: PrunextForCausalLM, expansion: Expansion, zero_residual_w
         UserError: when the source does not have the identity plan.
     """
     check_plan(model.plan)
-    config = copy.deepcopy(model.config.base_config())
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[s] for s in expansion.sources]
-    config.num_hidden_layers = len(expansion)
-    state = dense_state(model.state_dict(), expansion, zero_residual_writes)
+    base = model.config.base_config()
+    config = copy.deepcopy(base)
+    for key, value in family_of(base.model_type).position_fields(base, expansion.sources).items():
+        setattr(config, key, value)  # num_hidden_layers and layer_types together
+    state = dense_state(model.state_dict(), expansion, zero_residual_writes, base)
     hf = _plain_hf(config, state, model.generation_config)
     return build_from_hf(hf, Plan.identity(len(expansion)))
 

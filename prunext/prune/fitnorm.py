@@ -13,7 +13,9 @@ windows, given the same input::
     min over gamma_d, beta_d of  sum over tokens t of  (gamma_d * LN(y_t)_d + beta_d - o_t,d)^2
     y_t = replacement branch output,  o_t = block i's original branch output on the same input
 
-which is ordinary least squares per feature:
+(``LN`` is ``y / rms(y)`` and there is no ``beta`` in a sandwich or post-norm family,
+whose output norms replace the block's post-branch RMSNorm; ``o_t`` is then the pruned
+block's branch output after its own post-branch norm), which is ordinary least squares per feature:
 ``gamma_d = cov(LN(y)_d, o_d) / var(LN(y)_d)`` and ``beta_d = mean(o_d) - gamma_d * mean(LN(y)_d)``.
 ``gamma = beta = 0`` (the block dropped) is one of the candidates, so on the
 calibration data each branch ends no farther from the original than dropping it.
@@ -29,7 +31,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -67,26 +68,37 @@ class Moments:
         packed = packed.cpu()
         self.sums, self.count = packed[:-1].view_as(self.sums), int(round(packed[-1].item()))
 
-    def solve(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-feature least squares ``(gamma, beta)`` of ``o ~ gamma * x + beta`` (float64)."""
+    def solve(self, intercept: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-feature least squares ``(gamma, beta)`` of ``o ~ gamma * x + beta`` (float64).
+
+        Without ``intercept`` (an RMS output norm has no bias): ``o ~ gamma * x``, ``beta = 0``.
+        """
         if self.count == 0:
             raise ValueError("no calibration tokens reached the fitted branch")
         mx, mxx, mo, mxo = self.sums / self.count
+        if not intercept:
+            gamma = torch.where(mxx > 1e-12, mxo / mxx.clamp_min(1e-12), torch.zeros_like(mxx))
+            return gamma, torch.zeros_like(gamma)
         var = mxx - mx * mx
         cov = mxo - mx * mo
         gamma = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.zeros_like(var))
         return gamma, mo - gamma * mx
 
 
-def _branch_hook(norm, original, moments: Moments, attention: bool):
+def _branch_hook(norm, original, original_post, moments: Moments, attention: bool):
+    """Hook on the replacement's branch: the normalised branch output against the pruned block's on the same input.
+
+    ``original_post`` is the pruned block's own post-branch norm (sandwich and post-norm
+    families), whose output is what the block added to the residual stream; None on pre-norm blocks.
+    """
+
     def hook(module, args, kwargs, output):
         y = output[0] if attention else output
-        if attention:
-            o = original(*args, **kwargs)[0]
-        else:
-            o = original(*args, **kwargs)
-        x = F.layer_norm(y.float(), (y.shape[-1],), eps=norm.eps)
-        moments.add(x, o.float())
+        o = original(*args, **kwargs)
+        o = o[0] if attention else o
+        if original_post is not None:
+            o = original_post(o)
+        moments.add(norm.normalize(y), o.float())
         raise _Stop
 
     return hook
@@ -126,10 +138,10 @@ def fit_out_norms(model, source, sources: dict[int, int], windows: torch.Tensor,
         norm = layer.attn_out_norm if branch == "attn" else layer.mlp_out_norm
         fitted = layer.self_attn if branch == "attn" else layer.mlp
         moments = Moments(norm.weight.shape[0])
-        handle = fitted.register_forward_hook(
-            _branch_hook(norm, original.self_attn if branch == "attn" else original.mlp, moments, branch == "attn"),
-            with_kwargs=True,
-        )
+        post = layer.family.post_norm(branch)
+        hook = _branch_hook(norm, original.self_attn if branch == "attn" else original.mlp,
+                            getattr(original, post) if post else None, moments, branch == "attn")  # fmt: skip
+        handle = fitted.register_forward_hook(hook, with_kwargs=True)
         try:
             for start in range(0, use.shape[0], batch_size):
                 try:
@@ -139,10 +151,11 @@ def fit_out_norms(model, source, sources: dict[int, int], windows: torch.Tensor,
         finally:
             handle.remove()
         moments.all_reduce()
-        gamma, beta = moments.solve()
+        gamma, beta = moments.solve(intercept=norm.bias is not None)
         errors.setdefault(i, {})[f"{branch}_gamma_mean"] = gamma.abs().mean().item()
         norm.weight.copy_(gamma.to(norm.weight.dtype))
-        norm.bias.copy_(beta.to(norm.bias.dtype))
+        if norm.bias is not None:
+            norm.bias.copy_(beta.to(norm.bias.dtype))
     model.train(was_training)
     log.info("fitted the output norms of %d replacement positions on %d tokens", len(sources), use.numel() * world)
     return errors

@@ -297,7 +297,8 @@ def _load_skeleton(folder: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from prunext.core.checkpoint import read_safetensors_keys
-    from prunext.core.model import PrunextConfig, PrunextForCausalLM, check_family, register
+    from prunext.core.families import check_family
+    from prunext.core.model import PrunextConfig, PrunextForCausalLM, register
     from prunext.core.plan import Plan
     from prunext.errors import ModelError
 
@@ -352,19 +353,6 @@ def _materialize(module: nn.Module, names: dict[str, str], folder: Path, files: 
         raise ModelError(
             f"the weights in {folder} do not fit its config.json ({last}); the folder is inconsistent"
         ) from e
-
-
-def _attention_mask_kinds(config) -> list[str]:
-    """Per layer, ``"full_attention"`` or ``"sliding_attention"``, as the family's forward chooses.
-
-    Qwen2/Qwen3 list ``layer_types``; Mistral has none and slides in every
-    layer when ``sliding_window`` is set; Llama never slides.
-    """
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return list(layer_types)
-    sliding = getattr(config, "sliding_window", None) is not None
-    return ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
 
 
 @torch.no_grad()
@@ -424,8 +412,11 @@ def score_blocks_offloaded(
 
     from prunext.core.model import CACHE_ARG
 
+    from prunext.core.families import family_of
+
+    family = family_of(inner.config.model_type)
     mask_fns = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-    mask_kinds = _attention_mask_kinds(inner.config)
+    mask_kinds = family.attention_kinds(inner.config)
     inner.rotary_emb.to(device)
     position_ids = torch.arange(local.shape[1], device=device).unsqueeze(0)  # (1, seq)
 
@@ -451,7 +442,7 @@ def score_blocks_offloaded(
                 block(
                     hidden,
                     attention_mask=mask,
-                    position_embeddings=inner.rotary_emb(hidden, position_ids),
+                    position_embeddings=family.position_embeddings(inner, hidden, position_ids, mask_kinds[i]),
                     position_ids=position_ids,
                     **{CACHE_ARG: None},
                     use_cache=False,

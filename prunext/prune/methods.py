@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prunext.core.plan import LINEAR_NAMES, LINEAR_PATHS, Plan, Position
+from prunext.core.families import Slot, family_of
+from prunext.core.plan import LINEAR_NAMES, Plan, Position
 from prunext.errors import UserError
 from prunext.prune.ratio import Budget
 from prunext.prune.replace import choose_sources, distance_matrix, svd_adapter
@@ -92,15 +93,25 @@ def metric_for(budget: Budget) -> tuple[str, int]:
     return metric, (1 if metric == "bi" else budget.count)
 
 
+def linear_slots(model: nn.Module) -> dict[str, Slot]:
+    """Where each of the 7 logical linears is in a block of ``model`` (plain HF or native)."""
+    config = model.config.base_config() if hasattr(model.config, "base_config") else model.config
+    return family_of(config.model_type).slots(config)
+
+
 def block_weights(model: nn.Module, blocks) -> dict[int, dict[str, torch.Tensor]]:
-    """``{block: {linear name: weight (out, in)}}`` of a plain HF or identity-plan model (no copies)."""
+    """``{block: {linear name: weight (out, in)}}`` of a plain HF or identity-plan model (no copies).
+
+    A fused linear's parts are views of their rows of the fused weight (Phi-3's ``qkv_proj``).
+    """
+    slots = linear_slots(model)
     out = {}
     for b in blocks:
         layer = model.model.layers[b]
         out[b] = {}
-        for name in LINEAR_NAMES:
-            parent, leaf = LINEAR_PATHS[name].split(".")
-            out[b][name] = getattr(getattr(layer, parent), leaf).weight.detach()
+        for name, slot in slots.items():
+            weight = layer.get_submodule(slot.path).weight.detach()
+            out[b][name] = weight[slot.start : slot.start + slot.rows] if slot.fused else weight
     return out
 
 
@@ -233,17 +244,19 @@ def init_adapters_svd(model: nn.Module, pruning: Pruning, weights: Mapping[int, 
         weights: :func:`block_weights` of the SOURCE model (unfiltered), covering every
             pruned block and its source.
     """
+    slots = linear_slots(model)
     for i, j in pruning.sources.items():
         position = pruning.plan.positions[i]
         if position.lora_scale != 1.0:
             raise ValueError(f"SVD init needs LoRA scale 1 (lora_alpha = rank); position {i} has {position.lora_scale}")
         layer = model.model.layers[i]
         for name in position.lora_targets:
-            parent, leaf = LINEAR_PATHS[name].split(".")
-            linear = getattr(getattr(layer, parent), leaf)
+            slot = slots[name]
+            linear = layer.get_submodule(slot.path)
+            a_rows, b_rows = linear.part_rows(slot.start)  # all rows of an unfused linear
             a, b = svd_adapter(weights[i][name], weights[j][name], position.lora_rank)
-            linear.lora_A.copy_(a)
-            linear.lora_B.copy_(b)
+            linear.lora_A[a_rows] = a
+            linear.lora_B[b_rows] = b
 
 
 def stored_params(model: nn.Module) -> int:

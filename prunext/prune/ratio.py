@@ -17,8 +17,11 @@ adapters, output norms) is subtracted from what it removes. With L blocks of
                                          ratio: r = floor(k_flexigpt * a(r_a) /
                                          ((L - k) * a(1))), at least 1
 
-    a(r) = r * sum over the 7 linears of (in + out)     LoRA parameters at rank r
-    n    = 2 * 2 * hidden                               two LayerNorms, weight + bias
+    a(r) = r * sum over the 7 linears of (in + out)     LoRA parameters at rank r (a fused
+                                                        linear's parts count as the 7 linears)
+    n    = 2 * 2 * hidden                               two LayerNorms, weight + bias (pre-norm
+                                                        blocks); 2 * hidden, two RMSNorm gains,
+                                                        where they replace the post-branch norms
 
 The count is the SMALLEST one whose net removal is AT LEAST ``r * T``
 (compared exactly in integers: ``r`` is read from its decimal text, so
@@ -37,7 +40,7 @@ import math
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
-from prunext.core.plan import LINEAR_NAMES, LINEAR_PATHS
+from prunext.core.families import family_of
 from prunext.errors import UserError
 
 METHODS = ("flexigpt", "shortgpt", "shortgpt-lora", "streamline", "angular")
@@ -50,10 +53,11 @@ class ModelSizes:
     Attributes:
         num_blocks: L.
         hidden_size: width of the residual stream.
-        block_params: parameters of one block (7 linears, their biases, the 2 block norms, any q/k norms).
+        block_params: parameters of one block (7 linears, their biases, the block norms, any q/k norms).
         other_params: stored parameters outside the blocks (embeddings, final norm,
             LM head when untied); a tied LM head is counted once.
-        linear_shapes: ``{linear name: (out_features, in_features)}``.
+        linear_shapes: ``{linear name: (out_features, in_features)}``, a fused linear's parts each on its own.
+        out_norm_params_each: parameters of one output norm (0: a LayerNorm over ``hidden_size``).
     """
 
     num_blocks: int
@@ -61,6 +65,7 @@ class ModelSizes:
     block_params: int
     other_params: int
     linear_shapes: dict[str, tuple[int, int]]
+    out_norm_params_each: int = 0
 
     @classmethod
     def from_model(cls, model) -> ModelSizes:
@@ -74,17 +79,20 @@ class ModelSizes:
         if len(sizes) != 1:
             raise ValueError(f"blocks of different sizes {sorted(sizes)}; ratio accounting assumes equal blocks")
         block = layers[0]
+        config = model.config.base_config() if hasattr(model.config, "base_config") else model.config
+        family = family_of(config.model_type)
         shapes = {}
-        for name in LINEAR_NAMES:
-            parent, leaf = LINEAR_PATHS[name].split(".")
-            linear = getattr(getattr(block, parent), leaf)
-            shapes[name] = (linear.out_features, linear.in_features)
+        for name, slot in family.slots(config).items():  # a fused linear's parts count as the linears they are
+            linear = block.get_submodule(slot.path)
+            shapes[name] = (slot.rows if slot.fused else linear.out_features, linear.in_features)
         params = dict(model.named_parameters())  # a shared Parameter once
         if getattr(model.config, "tie_word_embeddings", False):
             params.pop("lm_head.weight", None)  # tied: the embedding (a meta-device skeleton may not be tied yet)
         total = sum(p.numel() for p in params.values())
         block_params = sizes.pop()
-        return cls(len(layers), model.config.hidden_size, block_params, total - len(layers) * block_params, shapes)
+        norm_params = (2 if family.out_norm_kind == "layernorm" else 1) * model.config.hidden_size
+        return cls(len(layers), model.config.hidden_size, block_params, total - len(layers) * block_params, shapes,
+                   out_norm_params_each=norm_params)
 
     @property
     def total_block_params(self) -> int:
@@ -110,8 +118,13 @@ class ModelSizes:
 
     @property
     def out_norm_params(self) -> int:
-        """Output-norm parameters of one position: two LayerNorms (weight + bias) over the hidden size."""
-        return 2 * 2 * self.hidden_size
+        """Output-norm parameters of one position: two norms over the hidden size.
+
+        LayerNorms (weight + bias) on a pre-norm block; the position's own RMSNorm gains
+        (weight only) on a sandwich or post-norm block. 0 in ``out_norm_params_each`` means
+        LayerNorms (sizes built by hand).
+        """
+        return 2 * (self.out_norm_params_each or 2 * self.hidden_size)
 
 
 @dataclass(frozen=True)

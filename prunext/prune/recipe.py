@@ -170,7 +170,8 @@ def _skeleton(folder):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from prunext.core.model import PrunextConfig, check_family, register
+    from prunext.core.families import check_family
+    from prunext.core.model import PrunextConfig, register
 
     register()
     config = AutoConfig.from_pretrained(folder)

@@ -3,12 +3,19 @@
 import pytest
 import torch
 
+from prunext.core.families import FAMILIES as REGISTRY
 from prunext.core.checkpoint import build_from_hf, stored_state_dict
 from prunext.core.model import PrunextForCausalLM
 from prunext.core.modules import LoRALinear, OutputNorm
 from prunext.core.plan import LINEAR_NAMES, Plan, Position
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = tuple(REGISTRY)
+
+
+def _linear(model, layer, name: str):
+    """The module holding logical linear ``name`` (Phi-3: the fused one) in a position."""
+    config = model.config.base_config()
+    return layer.get_submodule(REGISTRY[config.model_type].slots(config)[name].path)
 
 
 def shared_plan(out_norm: bool = True) -> Plan:
@@ -45,9 +52,9 @@ def test_repeated_sources_share_one_parameter(tiny_hf, family):
     assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2, 3, 4]
     assert layers[2].self_attn is not layers[1].self_attn
     # owned parts exist only where the plan says
-    assert isinstance(layers[2].self_attn.q_proj, LoRALinear) and isinstance(layers[2].mlp_out_norm, OutputNorm)
-    assert not isinstance(layers[1].self_attn.q_proj, LoRALinear) and layers[1].attn_out_norm is None
-    assert isinstance(layers[4].mlp.down_proj, LoRALinear) and not isinstance(layers[4].mlp.up_proj, LoRALinear)
+    assert isinstance(_linear(model, layers[2], "q_proj"), LoRALinear) and isinstance(layers[2].mlp_out_norm, OutputNorm)
+    assert not isinstance(_linear(model, layers[1], "q_proj"), LoRALinear) and layers[1].attn_out_norm is None
+    assert isinstance(_linear(model, layers[4], "down_proj"), LoRALinear) and not isinstance(_linear(model, layers[4], "up_proj"), LoRALinear)
     # a unique-parameter count: the shared blocks count once
     unique = {p.data_ptr() for p in model.parameters()}
     assert len(unique) == len(list(model.parameters()))  # nn.Module.parameters() already dedupes

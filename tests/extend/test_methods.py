@@ -6,14 +6,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from prunext.core.families import FAMILIES as REGISTRY
 from prunext.core.checkpoint import build_from_hf, load_native, save_native
 from prunext.core.model import is_owned
 from prunext.core.modules import LoRALinear
-from prunext.core.plan import LINEAR_NAMES, LINEAR_PATHS, Plan
+from prunext.core.plan import LINEAR_NAMES, Plan
 from prunext.errors import UserError
 from prunext.extend import methods, plans
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = tuple(REGISTRY)
 
 
 def _source(tiny_hf, family: str, layers: int = 4):
@@ -26,8 +27,9 @@ def _ids(seed: int = 1, batch: int = 2, seq: int = 12) -> torch.LongTensor:
 
 
 def _linear(model, pos: int, name: str):
-    parent, leaf = LINEAR_PATHS[name].split(".")
-    return getattr(getattr(model.model.layers[pos], parent), leaf)
+    """The module holding logical linear ``name`` at a position (Phi-3: the fused one)."""
+    config = model.config.base_config() if hasattr(model.config, "base_config") else model.config
+    return model.model.layers[pos].get_submodule(REGISTRY[config.model_type].slots(config)[name].path)
 
 
 @torch.no_grad()
@@ -156,7 +158,8 @@ def test_flexigpt_saved_file_stores_base_once_plus_adapters_and_norms(tiny_hf, t
         "down_proj": (cfg.intermediate_size, cfg.hidden_size),
     }
     lora = sum(rank * (i + o) for i, o in shapes.values())  # A (rank, in) + B (out, rank)
-    norms = 2 * 2 * cfg.hidden_size  # two LayerNorms, weight and bias each
+    # two LayerNorms (weight and bias) on a pre-norm block, two RMSNorm gains where they replace the post-norms
+    norms = (2 if REGISTRY[cfg.model_type].out_norm_kind == "layernorm" else 1) * 2 * cfg.hidden_size
     assert owned == new_positions * (lora + norms)
     assert methods.stored_params(load_native(tmp_path / "m")) == base + owned
 

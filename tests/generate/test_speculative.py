@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from prunext.core.families import FAMILIES as REGISTRY
 from prunext.core.checkpoint import build_from_hf
 from prunext.core.plan import LINEAR_NAMES, Plan, Position
 from prunext.generate import (
@@ -16,7 +17,7 @@ from prunext.generate import (
 )
 from prunext.errors import UserError
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = tuple(REGISTRY)
 
 
 def pruned_plan() -> Plan:

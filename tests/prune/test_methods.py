@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import prunext  # noqa: F401  (registers the native format with AutoModelForCausalLM)
 from prunext.core.checkpoint import save_native
-from prunext.core.plan import LINEAR_NAMES, LINEAR_PATHS, Position
+from prunext.core.families import UNFUSED_PATHS
+from prunext.core.plan import LINEAR_NAMES, Position
 from prunext.errors import UserError
 from prunext.prune import methods
 from prunext.prune.importance import BlockScores
@@ -29,7 +30,7 @@ def _x() -> torch.Tensor:
 
 
 def _linear(layer: nn.Module, name: str) -> nn.Linear:
-    parent, leaf = LINEAR_PATHS[name].split(".")
+    parent, leaf = UNFUSED_PATHS[name].split(".")  # these tests use unfused families
     return getattr(getattr(layer, parent), leaf)
 
 
