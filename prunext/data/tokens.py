@@ -25,18 +25,19 @@ def _with_eos(ids: list[int], eos_id: int | None) -> list[int]:
     return ids + [eos_id] if eos_id is not None else ids
 
 
-def token_stream(
+def token_chunks(
     texts: Iterable[str],
     tokenizer,
     max_tokens: int | None = None,
     add_eos: bool = True,
     progress: bool | None = None,
-) -> torch.LongTensor:
-    """Tokenize documents one by one and concatenate them into one stream.
+) -> Iterator[torch.LongTensor]:
+    """Tokenize documents one by one and yield the stream in pieces of up to ``BATCH_DOCS`` documents.
 
     Each document is tokenized with the tokenizer's defaults, so it starts with
     BOS exactly when the tokenizer adds one. Blank documents are skipped: they
-    would add only special tokens.
+    would add only special tokens. Concatenated, the pieces are
+    :func:`token_stream`; only one piece is in memory at a time.
 
     Args:
         texts (Iterable[str]): The documents, read lazily and in order.
@@ -48,15 +49,14 @@ def token_stream(
         progress (bool | None): Show a progress bar in tokens; None shows one
             only when ``max_tokens`` is unset or at least ``PROGRESS_MIN_TOKENS``.
 
-    Returns:
-        torch.LongTensor: The 1-D stream (empty when there is no text).
+    Yields:
+        torch.LongTensor: 1-D pieces of the stream, in order.
     """
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"max_tokens is {max_tokens}; give a positive number of tokens.")
     eos_id = tokenizer.eos_token_id if add_eos else None
     if progress is None:
         progress = max_tokens is None or max_tokens >= PROGRESS_MIN_TOKENS
-    chunks: list[torch.Tensor] = []
     count = 0
     with tqdm(total=max_tokens, unit="tok", unit_scale=True, disable=not progress) as bar:
         for batch in _batches(texts, BATCH_DOCS):
@@ -66,11 +66,26 @@ def token_stream(
             ids = list(itertools.chain.from_iterable(_with_eos(doc, eos_id) for doc in encoded))
             if max_tokens is not None:
                 ids = ids[: max_tokens - count]
-            chunks.append(torch.tensor(ids, dtype=torch.long))
             count += len(ids)
             bar.update(len(ids))
+            yield torch.tensor(ids, dtype=torch.long)
             if max_tokens is not None and count >= max_tokens:
                 break
+
+
+def token_stream(
+    texts: Iterable[str],
+    tokenizer,
+    max_tokens: int | None = None,
+    add_eos: bool = True,
+    progress: bool | None = None,
+) -> torch.LongTensor:
+    """Tokenize documents one by one and concatenate them into one stream (:func:`token_chunks`, joined).
+
+    Returns:
+        torch.LongTensor: The 1-D stream (empty when there is no text).
+    """
+    chunks = list(token_chunks(texts, tokenizer, max_tokens, add_eos, progress))
     return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.long)
 
 

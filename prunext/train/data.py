@@ -2,7 +2,8 @@
 
 ::
 
-    documents ─► token_stream (EOS after each) ─► blocks of --seq-len (remainder dropped)
+    documents ─► token_chunks (EOS after each) ─► OUT/data/tokens-*.npy (uint32, memory-mapped)
+               ─► blocks of --seq-len (remainder dropped)
                                                    │
     epoch e: permutation_e = rng([seed, e]).permutation(n_blocks)
     global order = permutation_0 ++ permutation_1 ++ ...       (as many epochs as the budget needs)
@@ -124,8 +125,17 @@ def texts_of(dataset):
         yield row["text"]
 
 
+#: The dtype of the tokenized budget on disk: 4 bytes a token, any vocabulary below 2**32.
+TOKEN_DTYPE = np.dtype("<u4")
+
+
 def tokenize_to_file(dataset, tokenizer, max_tokens: int, path: Path, vocab_size: int) -> int:
-    """Tokenize up to ``max_tokens`` tokens into ``path`` (int32 .npy), written atomically.
+    """Tokenize up to ``max_tokens`` tokens into ``path`` (a uint32 .npy), in pieces, written atomically.
+
+    The budget is never held whole in memory: each piece of the stream
+    (:func:`prunext.data.token_chunks`) is checked and appended to a raw file
+    beside ``path``, and the .npy is that file behind a header (copied in blocks),
+    renamed into place only when complete. Readers memory-map it.
 
     Returns:
         The number of tokens written.
@@ -133,22 +143,39 @@ def tokenize_to_file(dataset, tokenizer, max_tokens: int, path: Path, vocab_size
     Raises:
         DataError: the data holds no tokens, or ids outside the model's vocabulary.
     """
-    from prunext.data import check_vocab, token_stream
+    import shutil
 
-    tokens = token_stream(texts_of(dataset), tokenizer, max_tokens=max_tokens)
-    if tokens.numel() == 0:
-        raise DataError("the training data holds no text; give a data set with non-empty documents")
-    check_vocab(tokens, vocab_size)
+    from prunext.data import check_vocab, token_chunks
+
+    if vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
+        raise DataError(f"a vocabulary of {vocab_size:,} ids does not fit the uint32 token file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
-    os.close(fd)
+    names = []
+    for suffix in (".raw", ".npy"):
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+        names.append(Path(name))
+    raw, final = names
     try:
-        np.save(tmp, tokens.numpy().astype(np.int32))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return int(tokens.numel())
+        count = 0
+        with raw.open("wb") as f:
+            for piece in token_chunks(texts_of(dataset), tokenizer, max_tokens=max_tokens):
+                check_vocab(piece, vocab_size)
+                f.write(piece.numpy().astype(TOKEN_DTYPE).tobytes())
+                count += piece.numel()
+        if count == 0:
+            raise DataError("the training data holds no text; give a data set with non-empty documents")
+        with final.open("wb") as out, raw.open("rb") as f:
+            header = {"descr": TOKEN_DTYPE.str, "fortran_order": False, "shape": (count,)}
+            np.lib.format.write_array_header_1_0(out, header)
+            shutil.copyfileobj(f, out, 16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(final, path)
+    finally:
+        raw.unlink(missing_ok=True)
+        final.unlink(missing_ok=True)
+    return count
 
 
 class BlockOrder:

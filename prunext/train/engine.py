@@ -142,16 +142,44 @@ def resume_engine(engine, ckpt_dir: Path, state: dict, rank: int) -> int:
     return step
 
 
-def save_final(engine, tokenizer, folder: Path, rank: int) -> None:
-    """Gather every ZeRO-3 partition and write the native folder on rank 0 (shared tensors once)."""
-    import deepspeed
-    import torch.distributed as dist
+def save_final(engine, tokenizer, ckpt_dir: Path, tag: str, folder: Path, rank: int, wait_group=None) -> None:
+    """Write ``OUT/final/`` (native, shared tensors once) from the run's last checkpoint, without gathering the model.
 
-    from prunext.core.checkpoint import save_native
+    Rank 0 streams the checkpoint's fp32 master partitions into safetensors shards with the
+    same code as ``prunext convert --from OUT/checkpoints`` (:func:`prunext.convert.zero.convert_zero_checkpoint`):
+    peak extra memory about one shard plus one tensor, on one rank, whatever the model's size. The
+    config (with the plan), tokenizer and generation config come from the model being trained, so
+    a run started from a hub id or a GGUF file converts too. Every rank learns of a failure.
 
-    model = engine.module
-    model.config.use_cache = True
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        if rank == 0:
-            save_native(model, folder, tokenizer=tokenizer, overwrite=True)
-    dist.barrier()
+    Args:
+        engine: the DeepSpeed engine (its module gives the config; no parameter is gathered).
+        tokenizer: the run's tokenizer.
+        ckpt_dir: ``OUT/checkpoints``; ``tag`` must be complete there (the last step's checkpoint).
+        folder: ``OUT/final``, replaced atomically.
+        rank: global rank.
+        wait_group: the process group to wait in (rank 0 may convert for a long time).
+    """
+    import tempfile
+
+    from prunext.convert.zero import convert_zero_checkpoint
+    from prunext.fsutil import atomic_dir
+    from prunext.train.dist import all_ok
+
+    error = None
+    if rank == 0:
+        try:
+            model = engine.module
+            model.config.use_cache = True
+            with tempfile.TemporaryDirectory(prefix=".final-source-", dir=folder.parent) as source:
+                model.config.architectures = [type(model).__name__]
+                model.config.save_pretrained(source)  # the config and plan only: no weight is written here
+                if model.generation_config is not None and model.can_generate():
+                    model.generation_config.save_pretrained(source)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(source)
+                with atomic_dir(folder, overwrite=True) as tmp:
+                    done = convert_zero_checkpoint(ckpt_dir, tmp, tag=tag, model=source)
+            log.info("wrote %s from %s (%s parameters stored, fp32 masters)", folder, done["tag_dir"], f"{done['params']:,}")
+        except Exception as e:  # the others must not wait out the timeout
+            error = e
+    all_ok(error, group=wait_group)

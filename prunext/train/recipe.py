@@ -4,8 +4,8 @@ Setup (check every flag and the DeepSpeed config into frozen settings, start
 the process group, load the model, freeze what does not train, tokenize the
 budget once per node, start the engines), run (the step loop: metrics,
 evaluation, checkpoints that are complete whenever ``latest`` names them), save
-(gather the ZeRO-3 partitions and write ``OUT/final/`` as a native folder,
-shared tensors once). :func:`train` reads top to bottom; the pieces live in
+(stream the last checkpoint's partitions into ``OUT/final/``, a native folder
+with shared tensors once; no rank gathers the model). :func:`train` reads top to bottom; the pieces live in
 :mod:`~prunext.train.settings` (flags), :mod:`~prunext.train.lineage`
 (budget fraction and teacher), :mod:`~prunext.train.engine` (model, engines,
 optimizer, saving) and :mod:`~prunext.train.loop` (the steps).
@@ -149,6 +149,7 @@ def train(run: CheckedRun, rank: int, local_rank: int, world: int, cli: dict) ->
     import torch.distributed as dist
 
     from prunext.fsutil import write_json_atomic
+    from prunext.train.checkpoints import tag_of
     from prunext.train.data import BlockOrder, eval_windows, prepare_tokens
     from prunext.train.dist import long_wait_group
     from prunext.train.engine import load_for_training, make_objective, resume_engine, save_final, start_engine
@@ -156,6 +157,7 @@ def train(run: CheckedRun, rank: int, local_rank: int, world: int, cli: dict) ->
     from prunext.train.normopen import prepare
 
     settings, options, budget, out = run.settings, run.options, run.budget, run.out
+    long_wait = long_wait_group(max(options.dist_timeout, 6 * 3600))  # tokenizing, writing final/: one rank works
 
     # ---- setup: model, data, engines
     model, tokenizer, counts = load_for_training(settings, options.grad_checkpointing)
@@ -164,8 +166,7 @@ def train(run: CheckedRun, rank: int, local_rank: int, world: int, cli: dict) ->
     out.mkdir(parents=True, exist_ok=True)
     data_dir = overwrite_staging(out, rank) if options.overwrite else out / "data"
     try:  # the data are read only now: a folder this run made is removed again when they are refused
-        tokens = prepare_tokens(run.dataset, tokenizer, settings.data, vocab, budget, data_dir, local_rank,
-                                long_wait_group(max(options.dist_timeout, 6 * 3600)))
+        tokens = prepare_tokens(run.dataset, tokenizer, settings.data, vocab, budget, data_dir, local_rank, long_wait)
         order = BlockOrder(tokens, settings.seq_len, budget, settings.seed)
         held_out = (eval_windows(options.eval_data, tokenizer, settings.seq_len, options.eval_windows, vocab)
                     if options.eval_every else None)
@@ -197,7 +198,7 @@ def train(run: CheckedRun, rank: int, local_rank: int, world: int, cli: dict) ->
         return 0
 
     # ---- save
-    save_final(engine, tokenizer, out / "final", rank)
+    save_final(engine, tokenizer, out / "checkpoints", tag_of(step), out / "final", rank, long_wait)
     if rank == 0:
         summary = {"steps": budget.steps, "tokens": budget.tokens, "final_loss": record.get("loss"),
                    "final_eval_loss": record.get("eval_loss"), "seconds": time.perf_counter() - started, "settings": facts}

@@ -72,3 +72,40 @@ def test_data_shorter_than_a_block_refused():
     budget = make_budget(64, 8, 1, 1, 1)
     with pytest.raises(DataError, match="fewer than one block"):
         BlockOrder(np.arange(5), 8, budget, 0)
+
+
+# --------------------------------------------------------------------------- the token file
+def _docs(n: int) -> list[dict]:
+    return [{"text": f"The quick brown fox {i} jumps over the lazy dog number {i * 7}."} for i in range(n)]
+
+
+def test_token_file_is_the_stream_as_uint32_written_in_pieces(tiny_tokenizer, tmp_path, monkeypatch):
+    """More documents than one piece: the file is the whole stream, uint32, memory-mappable, and nothing else is left."""
+    import prunext.data.tokens as tokens_module
+    from prunext.data import token_chunks, token_stream
+    from prunext.train.data import tokenize_to_file
+
+    monkeypatch.setattr(tokens_module, "BATCH_DOCS", 16)  # pieces of 16 documents
+    docs = _docs(100)
+    pieces = list(token_chunks((d["text"] for d in docs), tiny_tokenizer, max_tokens=3000))
+    assert len(pieces) > 3
+    stream = token_stream((d["text"] for d in docs), tiny_tokenizer, max_tokens=3000)
+    path = tmp_path / "data" / "tokens-x.npy"
+    count = tokenize_to_file(docs, tiny_tokenizer, 3000, path, vocab_size=128)
+    assert count == stream.numel()
+    mapped = np.load(path, mmap_mode="r")
+    assert isinstance(mapped, np.memmap) and mapped.dtype == np.uint32
+    assert np.array_equal(mapped, stream.numpy())
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tokens-x.npy"]  # no temporary file is left
+
+
+def test_token_file_refuses_ids_outside_the_vocabulary_and_writes_nothing(tiny_tokenizer, tmp_path):
+    from prunext.train.data import tokenize_to_file
+
+    path = tmp_path / "data" / "tokens-x.npy"
+    with pytest.raises(DataError, match="vocabulary"):
+        tokenize_to_file(_docs(40), tiny_tokenizer, 3000, path, vocab_size=20)
+    assert list(path.parent.iterdir()) == []
+    with pytest.raises(DataError, match="no text"):
+        tokenize_to_file([{"text": "  "}], tiny_tokenizer, 3000, path, vocab_size=128)
+    assert list(path.parent.iterdir()) == []

@@ -94,6 +94,21 @@ def test_torchrun_two_ranks_loss_falls_and_final_loads(inputs, run_a):
     assert not torch.equal(before["model.layers.1.self_attn.q_proj.weight"], stored["model.layers.1.self_attn.q_proj.weight"])
 
 
+def test_final_is_the_last_checkpoint_streamed_without_a_gather(run_a, tmp_path):
+    """final/ comes from step12's partitions through the streaming converter, not from a gathered model."""
+    from prunext.cli import main
+
+    out, proc = run_a
+    assert "fp32 masters" in proc.stdout + proc.stderr  # rank 0 said where final/ came from
+    converted = tmp_path / "converted"
+    assert main(["convert", "--from", str(out / "checkpoints" / "step12"), "--to", str(converted)]) == 0
+    final, again = _stored(out / "final"), _stored(converted)
+    assert final.keys() == again.keys()
+    assert all(torch.equal(final[k], again[k]) for k in final)
+    assert json.loads((out / "final" / "config.json").read_text())["dtype"] == "float32"
+    assert not list(out.glob(".final-source-*"))  # the config-only source folder is gone
+
+
 def test_checkpoints_are_complete_and_latest_is_last(run_a):
     out, _ = run_a
     ckpt = out / "checkpoints"
