@@ -218,7 +218,12 @@ class PrunextForCausalLM(PreTrainedModel, GenerationMixin):
         plan = config.plan
         base_config = config.base_config()
         self.family = family_of(config.base_model_type)
-        self.model = self.family.model_cls()(base_config)
+        # The family's model without its own layers (they would be built only to be replaced), then the positions.
+        positions, base_config.num_hidden_layers = base_config.num_hidden_layers, 0
+        try:
+            self.model = self.family.model_cls()(base_config)
+        finally:
+            base_config.num_hidden_layers = positions
         block_cls = position_block_class(config.base_model_type)
         self.model.layers = nn.ModuleList(
             block_cls(base_config, i, p, out_norm_init) for i, p in enumerate(plan.positions)

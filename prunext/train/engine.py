@@ -20,21 +20,23 @@ ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
 
 
-def load_for_training(settings, grad_checkpointing: bool):
-    """The model in the config's dtype with ``--trainable`` applied, its tokenizer, and parameter counts.
+def load_for_training(settings, ds_config: dict, grad_checkpointing: bool):
+    """The model, partitioned by ZeRO-3 as it loads, with ``--trainable`` applied; its tokenizer; parameter counts.
 
     Args:
         settings: :class:`prunext.train.settings.TrainSettings`.
+        ds_config: the run's DeepSpeed config (:func:`prunext.train.partitioned.load_for_zero3` builds under it).
         grad_checkpointing: recompute activations in backward (non-reentrant).
     """
     import torch
 
-    from prunext.core.loading import load_model, require_tokenizer
+    from prunext.core.loading import require_tokenizer
     from prunext.data import check_tokenizer
+    from prunext.train.partitioned import load_for_zero3
     from prunext.train.trainable import executed_params, freeze
 
     torch.manual_seed(settings.seed)
-    model, tokenizer = load_model(settings.model, dtype=getattr(torch, settings.dtype))
+    model, tokenizer = load_for_zero3(settings.model, ds_config, getattr(torch, settings.dtype))
     tokenizer = require_tokenizer(tokenizer, settings.model)
     check_tokenizer(tokenizer, model.config.vocab_size, settings.model)  # before --out is made or any text is read
     trainable, total = freeze(model, settings.trainable)
@@ -109,10 +111,10 @@ def make_objective(settings, ds_config: dict, vocab_size: int):
     import deepspeed
     import torch
 
-    from prunext.core.loading import load_model
     from prunext.train.objective import Objective
+    from prunext.train.partitioned import load_for_zero3
 
-    teacher, _ = load_model(settings.teacher, dtype=getattr(torch, settings.dtype))
+    teacher, _ = load_for_zero3(settings.teacher, ds_config, getattr(torch, settings.dtype))
     if teacher.config.vocab_size != vocab_size:
         raise UserError(
             f"--teacher {settings.teacher} has a vocabulary of {teacher.config.vocab_size} and the model {vocab_size}; "

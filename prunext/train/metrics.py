@@ -110,3 +110,31 @@ class Wandb:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB (Linux ``/proc``; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (``getrusage``: KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_record(rank: int, stages: dict[str, float]) -> dict:
+    """One rank's memory: resident MiB at each stage of the run (``stages``, ``start`` first: libraries
+    loaded) and at its peak, and CUDA's peak on a GPU."""
+    import torch
+
+    record = {"rank": rank, "rss_start_mb": round(stages["start"], 1), "rss_peak_mb": round(peak_rss_mb(), 1),
+              "rss_mb": {k: round(v, 1) for k, v in stages.items()}}
+    if torch.cuda.is_available():
+        record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return record

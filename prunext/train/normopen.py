@@ -50,16 +50,21 @@ def output_norms(model) -> list:
 def prepare(model, factor: float) -> list:
     """Scale every output norm's weight and bias by ``factor`` and its gate by 1/``factor``; the function is unchanged.
 
-    Call on the plain model, before ``deepspeed.initialize`` partitions it. Returns the output norms.
+    Call before ``deepspeed.initialize``; the model may already be partitioned (loaded under
+    ``deepspeed.zero.Init``). An RMS output norm (sandwich and post-norm families) has no bias.
+    Returns the output norms.
     """
     import torch
 
+    from prunext.train.partitioned import modify
+
     norms = output_norms(model)
-    with torch.no_grad():
-        for norm in norms:
+    for norm in norms:
+        with modify([norm.weight, norm.bias]), torch.no_grad():
             norm.weight.mul_(factor)
-            norm.bias.mul_(factor)
-            norm.gate = 1.0 / factor
+            if norm.bias is not None:
+                norm.bias.mul_(factor)
+        norm.gate = 1.0 / factor
     return norms
 
 

@@ -154,13 +154,16 @@ def train(run: CheckedRun, rank: int, local_rank: int, world: int, cli: dict) ->
     from prunext.train.dist import long_wait_group
     from prunext.train.engine import load_for_training, make_objective, resume_engine, save_final, start_engine
     from prunext.train.loop import run_steps
+    from prunext.train.metrics import memory_record, rss_mb
     from prunext.train.normopen import prepare
 
     settings, options, budget, out = run.settings, run.options, run.budget, run.out
+    rss = {"start": rss_mb()}  # resident MiB at each stage; the libraries are loaded at the start
     long_wait = long_wait_group(max(options.dist_timeout, 6 * 3600))  # tokenizing, writing final/: one rank works
 
     # ---- setup: model, data, engines
-    model, tokenizer, counts = load_for_training(settings, options.grad_checkpointing)
+    model, tokenizer, counts = load_for_training(settings, run.ds_config, options.grad_checkpointing)
+    rss["model_loaded"] = rss_mb()
     vocab = model.config.vocab_size
     facts = {**settings.as_dict(), **counts, "vocab_size": vocab, "grad_checkpointing": options.grad_checkpointing}
     out.mkdir(parents=True, exist_ok=True)
@@ -176,6 +179,7 @@ def train(run: CheckedRun, rank: int, local_rank: int, world: int, cli: dict) ->
             facts["output_norms"] = len(norms)
         engine = start_engine(model, settings, run.ds_config, budget)
         objective = make_objective(settings, run.ds_config, vocab)  # loads and checks the teacher
+        rss["engines_started"] = rss_mb()
     except UserError:
         if rank == 0 and (run.out_created or options.overwrite):
             shutil.rmtree(out if run.out_created else data_dir, ignore_errors=True)
@@ -192,6 +196,7 @@ def train(run: CheckedRun, rank: int, local_rank: int, world: int, cli: dict) ->
     started = time.perf_counter()
     step, record = run_steps(engine, order, run, start_step, rank, world, objective=objective, held_out=held_out,
                              norms=norms, facts=facts, out=out, executed_params=counts["executed_params"])
+    rss["trained"] = rss_mb()
     if step < budget.steps:
         if rank == 0:
             print(f"stopped at step {step} of {budget.steps} (--stop-at); continue with --resume (and a later or no --stop-at)", flush=True)
@@ -199,9 +204,15 @@ def train(run: CheckedRun, rank: int, local_rank: int, world: int, cli: dict) ->
 
     # ---- save
     save_final(engine, tokenizer, out / "checkpoints", tag_of(step), out / "final", rank, long_wait)
+    rss["saved"] = rss_mb()
+    memory = [None] * world
+    dist.all_gather_object(memory, memory_record(rank, rss))
     if rank == 0:
+        worst = max(memory, key=lambda m: m["rss_peak_mb"] - m["rss_start_mb"])
+        log.info("peak host memory above the start: %.0f MiB on rank %d (of %d ranks)", worst["rss_peak_mb"] - worst["rss_start_mb"], worst["rank"], world)
         summary = {"steps": budget.steps, "tokens": budget.tokens, "final_loss": record.get("loss"),
-                   "final_eval_loss": record.get("eval_loss"), "seconds": time.perf_counter() - started, "settings": facts}
+                   "final_eval_loss": record.get("eval_loss"), "seconds": time.perf_counter() - started,
+                   "memory": memory, "settings": facts}
         write_json_atomic(out / "train_summary.json", summary)
         print(f"trained {budget.steps} steps ({budget.tokens:,} tokens); wrote {out / 'final'}", flush=True)
     dist.barrier()

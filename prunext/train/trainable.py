@@ -77,11 +77,13 @@ def freeze(model: nn.Module, mode: str) -> tuple[int, int]:
     Raises:
         UserError: no parameter is left trainable.
     """
+    from prunext.train.partitioned import numel
+
     trainable = total = 0
     for name, param in model.named_parameters():  # each shared Parameter once
         param.requires_grad_(wants(name, mode))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
+        total += numel(param)  # the whole tensor's count, also when ZeRO-3 has partitioned it
+        trainable += numel(param) if param.requires_grad else 0
     if trainable == 0:
         raise UserError(f"nothing to train with --trainable {mode}; use --trainable all")
     return trainable, total
@@ -93,6 +95,8 @@ def executed_params(model: nn.Module) -> int:
     The embedding lookup is not a matmul; a tied ``lm_head`` is (counted once).
     Used for the 6 * N * tokens model-FLOPs estimate.
     """
-    total = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    from prunext.train.partitioned import numel
+
+    total = sum(numel(p) for _, p in model.named_parameters(remove_duplicate=False))
     embed = model.get_input_embeddings().weight
-    return total - embed.numel()
+    return total - numel(embed)

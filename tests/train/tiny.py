@@ -95,7 +95,8 @@ def torchrun(nproc: int, *args: str) -> list[str]:
 
 def run(cmd: list[str], timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
     """Run a launcher command; on failure the assertion shows the tail of its output."""
-    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO, **kwargs)
+    kwargs.setdefault("env", env())
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, **kwargs)
 
 
 def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:

@@ -1,0 +1,218 @@
+"""Load a model straight into DeepSpeed ZeRO-3 partitions: no rank ever holds the whole model.
+
+::
+
+    config.json ──► PrunextForCausalLM(config) under deepspeed.zero.Init
+                    (each Parameter is partitioned as its module is built;
+                     a shared block stays one Parameter in every position that runs it)
+    *.safetensors ─► one stored tensor at a time, read by rank 0:
+                    GatheredParameters([p], modifier_rank=0) -> rank 0 copies -> re-partitioned
+
+Peak memory on any rank: its partitions plus one tensor (the largest, usually the
+embedding), whatever the model's size. This is what transformers' own
+``from_pretrained`` does under ``HfDeepSpeedConfig`` (``deepspeed.zero.Init``, then
+``GatheredParameters(..., modifier_rank=0)`` module by module), except that the
+stored tensors are read one by one instead of as one merged state dict on rank 0.
+
+A native folder loads as it is; a plain Hugging Face folder (or a hub id,
+downloaded first) as the identity plan, whose tensor names are the same. A GGUF
+file has to be dequantized whole by transformers' GGUF loader, so it is loaded
+whole on every rank, with a warning saying how to avoid it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from prunext.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def numel(param: torch.Tensor) -> int:
+    """Elements of a parameter, partitioned by ZeRO-3 (``ds_numel``) or not."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def modify(params):
+    """A context in which ``params`` may be changed in place, partitioned or not (rank 0's change is kept)."""
+    params = [p for p in params if p is not None]
+    if not any(is_partitioned(p) for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def local_folder(spec: str) -> Path | None:
+    """The local folder of a model spec whose weights are safetensors: a folder, a built-in model, a hub id (downloaded).
+
+    None for a GGUF file (or a folder holding only one), which cannot be read tensor by tensor.
+
+    Raises:
+        ModelError: the spec cannot be found, or the hub cannot be reached.
+    """
+    from prunext.core.loading import _hub_unreachable, resolve_model_path
+
+    where = resolve_model_path(spec)
+    if isinstance(where, str):  # a hub id
+        from huggingface_hub import snapshot_download
+
+        try:
+            where = Path(snapshot_download(where, allow_patterns=["*.json", "*.safetensors", "*.py", "tokenizer*", "*.model", "*.txt"]))
+        except Exception as e:
+            if _hub_unreachable(e):
+                raise ModelError(
+                    f"model '{spec}' is not a local path, and the Hugging Face hub could not be reached (offline mode or no network); "
+                    "pass a local model folder, a .gguf file or builtin:smollm2-135m, or check your network"
+                ) from e
+            raise ModelError(f"could not download model '{spec}' from the Hugging Face hub ({str(e).splitlines()[0]}); check the name") from e
+    if where.is_file() or not (where / "config.json").is_file():
+        return None
+    return where
+
+
+def read_config(folder: Path):
+    """The :class:`PrunextConfig` of a native folder, or the identity-plan config of a plain HF folder.
+
+    A family without an entry is refused here, from ``config.json``, before any weight is read.
+    """
+    from transformers import AutoConfig
+
+    from prunext.core.config import PrunextConfig
+    from prunext.core.families import check_family
+    from prunext.core.model import register
+    from prunext.core.plan import Plan
+
+    register()
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{folder / 'config.json'} is not valid JSON ({e}); re-copy or re-create the model folder") from e
+    if data.get("model_type") == "prunext":
+        return PrunextConfig.from_pretrained(folder)
+    check_family(data.get("model_type", "?"))
+    base = AutoConfig.from_pretrained(folder)
+    return PrunextConfig.from_base(base, Plan.identity(base.num_hidden_layers))
+
+
+def load_partitioned(spec: str, ds_config: dict, dtype: torch.dtype):
+    """The model of ``spec`` built under ``deepspeed.zero.Init`` and filled one stored tensor at a time.
+
+    Every rank calls this (it runs collectives). Loading is strict: a stored tensor the model
+    does not have, or a parameter no stored tensor fills, is a :class:`ModelError`.
+
+    Args:
+        spec: any model spec ``prunext`` accepts (GGUF excepted: see :func:`load_for_zero3`).
+        ds_config: the run's DeepSpeed config (ZeRO-3).
+        dtype: the parameters' dtype.
+
+    Returns:
+        ``(model, tokenizer)``; the model in eval mode, its parameters partitioned.
+
+    Raises:
+        ModelError: the folder is incomplete, or its weights do not fit its plan.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    from prunext.core.checkpoint import iter_safetensors, read_safetensors_keys
+    from prunext.core.families import family_of
+    from prunext.core.loading import _load_tokenizer
+    from prunext.core.model import PrunextForCausalLM
+
+    folder = local_folder(spec)
+    if folder is None:
+        raise ModelError(f"{spec} is not a folder of safetensors weights; it cannot be loaded partitioned")
+    config = read_config(folder)
+    files = read_safetensors_keys(folder)
+    rank = dist.get_rank()
+    # Import the family's modeling module before zero.Init: a class created inside it gets DeepSpeed's
+    # __init__ wrapper, and its exit restores the class's first __init__, dropping what decorators
+    # added after (the kernels hub's per-instance forward wrappers), which breaks every later instance.
+    family = family_of(config.base_model_type)
+    family.layer_cls(), family.model_cls()
+    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        model = PrunextForCausalLM(config)
+    model.tie_weights()  # lm_head to the embedding where the config ties them, as from_pretrained does
+    params = dict(model.named_parameters(remove_duplicate=False))  # every name of a shared tensor
+    check_shapes(folder, files, params)  # on every rank, from the headers: no rank fails alone inside a gather
+    files = dict(sorted(files.items(), key=lambda kv: kv[1]))  # file by file: the order iter_safetensors reads in
+    filled: set[int] = set()
+    stored = iter_safetensors(folder, files) if rank == 0 else ((k, None) for k in files)
+    for key, tensor in tqdm(stored, total=len(files), desc="loading partitioned", unit="tensor", disable=rank != 0):
+        param = params[key]
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                with torch.no_grad():
+                    param.data.copy_(tensor)
+        filled.add(id(param))
+    missing = sorted({n for n, p in params.items() if id(p) not in filled})
+    if missing:
+        raise ModelError(f"{folder} has no stored tensor for {', '.join(missing[:3])}...; re-create the folder")
+    release_freed_memory()
+    log.info("loaded %s into ZeRO-3 partitions (%d stored tensors, %s parameters)", folder, len(files),
+             f"{sum(numel(p) for p in model.parameters()):,}")
+    return model.eval(), _load_tokenizer(folder)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the gathers back to the OS (glibc keeps freed heap memory for reuse; elsewhere a no-op).
+
+    Each gathered tensor is freed after its partition is kept, but the C allocator may hold
+    on to the pages, so a rank's resident memory would keep the largest tensors it gathered.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def check_shapes(folder: Path, files: dict[str, str], params: dict[str, torch.Tensor]) -> None:
+    """Refuse stored tensors the model does not have, or of another shape, reading only the safetensors headers.
+
+    Raises:
+        ModelError: naming the first few offending tensors.
+    """
+    from safetensors import safe_open
+
+    unknown = sorted(k for k in files if k not in params)
+    if unknown:
+        raise ModelError(f"{folder} stores tensors the model does not have ({', '.join(unknown[:3])}); re-create the folder")
+    by_file: dict[str, list[str]] = {}
+    for key, name in files.items():
+        by_file.setdefault(name, []).append(key)
+    for name, keys in by_file.items():
+        with safe_open(str(folder / name), framework="pt") as f:
+            for key in keys:
+                shape, want = tuple(f.get_slice(key).get_shape()), tuple(params[key].ds_shape if is_partitioned(params[key]) else params[key].shape)
+                if shape != want:
+                    raise ModelError(f"{key} in {folder} has shape {shape}, the plan needs {want}; re-create the folder")
+
+
+def load_for_zero3(spec: str, ds_config: dict, dtype: torch.dtype):
+    """:func:`load_partitioned`, or for a GGUF file the whole model on every rank (with a warning); ``(model, tokenizer)``."""
+    from prunext.core.loading import load_model
+
+    if local_folder(spec) is None:
+        log.warning(
+            "%s is a GGUF file: it is dequantized whole on every rank before ZeRO-3 partitions it; for large models "
+            "convert it once (prunext convert --from %s --to DIR) and train from DIR, which loads partitioned", spec, spec,
+        )
+        return load_model(spec, dtype=dtype)
+    return load_partitioned(spec, ds_config, dtype)
