@@ -213,6 +213,7 @@ def check_args(args: argparse.Namespace, world: int) -> CheckedRun:
     from prunext.train import checkpoints, dsconfig
     from prunext.train.data import make_budget
     from prunext.train.dist import on_gpu
+    from prunext.train.estimate import check_run
     from prunext.train.schedule import warmup_steps
     from prunext.train.trainable import check_plan
 
@@ -241,6 +242,7 @@ def check_args(args: argparse.Namespace, world: int) -> CheckedRun:
         raise UserError(f"--norm-open opens output norms, and {args.model} has none; drop --norm-open")
     tokens = resolve_tokens(args)
     teacher = resolve_teacher(args)
+    check_run(args.model, teacher, args.trainable, ds_config, world, source)  # from the configs: no weight is read
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     budget = make_budget(tokens, args.seq_len, micro, accum, world)
     norm_open_steps = None if args.norm_open is None else max(1, warmup_steps(args.norm_open, budget.steps))
