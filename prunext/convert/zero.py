@@ -21,10 +21,10 @@ plan stores each shared tensor once under its home position
 duplicated. DeepSpeed's ``zero_to_fp32`` script is not used to write: with
 safetensors output it aborts on shared tensors.
 
-Memory: tensors are materialised one safetensors shard at a time (at most
-``--max-shard-size`` of fp32, plus one tensor), the checkpoint files are
-memory-mapped (page cache, not process memory), so the process stays near
-one shard rather than one model (``--format hf`` builds the whole model).
+Memory: each shard's header is written first and the tensors are appended
+one at a time (:func:`write_stored_streaming`), and the checkpoint files are
+memory-mapped (page cache, not process memory), so the process holds about
+one tensor rather than one model (``--format hf`` builds the whole model).
 """
 
 from __future__ import annotations
@@ -202,10 +202,14 @@ def read_config(folder: Path):
 # ------------------------------------------------------------ lazy fp32 tensors
 @dataclass
 class Lazy:
-    """A full tensor not yet assembled: ``shape`` now, ``load()`` -> fp32 tensor (one copy) when asked."""
+    """A full tensor not yet assembled: ``shape`` now, ``load()`` -> the tensor (one copy) when asked.
+
+    ``dtype``: what ``load()`` gives when it is not a floating-point tensor (a buffer), else None.
+    """
 
     shape: tuple
     load: Callable
+    dtype: object = None
 
 
 def open_zero3(tag_dir: Path) -> dict[str, Lazy]:
@@ -244,7 +248,7 @@ def open_zero3(tag_dir: Path) -> dict[str, Lazy]:
         lazy[name] = Lazy(tuple(shape), lambda frags=frags, shape=shape: torch.cat([f.reshape(-1) for f in frags])[: shape.numel()].view(shape))
     for name in states[0].get("buffer_names") or []:
         t = states[0]["module"][name]
-        lazy[name] = Lazy(tuple(t.shape), lambda t=t: t.clone())
+        lazy[name] = Lazy(tuple(t.shape), lambda t=t: t.clone(), None if t.is_floating_point() else t.dtype)
     # ZeRO-3 keeps a shared Parameter once; the other names it ran under point at it (rank 0 records them).
     for alias, holder in (states[0].get("shared_params") or {}).items():
         if holder in lazy:
@@ -280,21 +284,31 @@ def stored_lazy(config, lazy: dict[str, Lazy]) -> dict[str, Lazy]:
 
 
 # ------------------------------------------------------------ writing
-def write_stored_streaming(stored: dict[str, Lazy], folder: Path, dtype, max_shard_size, progress: bool = True) -> list[str]:
-    """Write safetensors shards (+ index) materialising one shard of tensors at a time.
+#: safetensors' names of the dtypes a stored tensor can have.
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
-    Same layout as :func:`prunext.core.checkpoint.write_safetensors`.
+
+def write_stored_streaming(stored: dict[str, Lazy], folder: Path, dtype, max_shard_size, progress: bool = True) -> list[str]:
+    """Write safetensors shards (+ index), one tensor in memory at a time.
+
+    Same layout and files as :func:`prunext.core.checkpoint.write_safetensors`. Every shape and
+    dtype is known before any tensor is assembled, so each shard's header is written first and
+    each tensor is appended as it is loaded, then dropped (the safetensors format: an 8-byte
+    little-endian header length, the JSON header padded to 8 bytes, the tensors' bytes in order).
     """
     import math
 
     import torch
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from prunext.core.checkpoint import INDEX_FILE, SINGLE_FILE, parse_size
 
+    def dtype_of(key: str):
+        return stored[key].dtype or dtype
+
     limit = parse_size(max_shard_size)
-    size_of = {k: math.prod(v.shape) * dtype.itemsize for k, v in stored.items()}
+    size_of = {k: math.prod(v.shape) * dtype_of(k).itemsize for k, v in stored.items()}
     groups: list[list[str]] = [[]]
     size = 0
     for key in stored:
@@ -306,13 +320,24 @@ def write_stored_streaming(stored: dict[str, Lazy], folder: Path, dtype, max_sha
     names = [SINGLE_FILE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     bar = tqdm(total=len(stored), desc="tensors", unit="tensor", disable=not progress)
     for name, keys in zip(names, groups):
-        shard = {}
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
         for key in keys:
-            t = stored[key].load()
-            shard[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-            bar.update(1)
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        del shard
+            kind = _SAFETENSORS_DTYPES[str(dtype_of(key)).removeprefix("torch.")]
+            header[key] = {"dtype": kind, "shape": list(stored[key].shape), "data_offsets": [offset, offset + size_of[key]]}
+            offset += size_of[key]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with open(folder / name, "wb") as f:
+            f.write(len(text).to_bytes(8, "little"))
+            f.write(text)
+            for key in keys:
+                t = stored[key].load()
+                t = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+                if tuple(t.shape) != tuple(stored[key].shape) or t.dtype != dtype_of(key):
+                    raise ValueError(f"{key}: assembled {tuple(t.shape)} {t.dtype}, expected {tuple(stored[key].shape)} {dtype_of(key)}")
+                f.write(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, no copy
+                del t
+                bar.update(1)
     bar.close()
     if len(groups) > 1:
         index = {"metadata": {"total_size": sum(size_of.values())}, "weight_map": {k: n for n, ks in zip(names, groups) for k in ks}}

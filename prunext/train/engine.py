@@ -149,7 +149,7 @@ def save_final(engine, tokenizer, ckpt_dir: Path, tag: str, folder: Path, rank: 
 
     Rank 0 streams the checkpoint's fp32 master partitions into safetensors shards with the
     same code as ``prunext convert --from OUT/checkpoints`` (:func:`prunext.convert.zero.convert_zero_checkpoint`):
-    peak extra memory about one shard plus one tensor, on one rank, whatever the model's size. The
+    peak extra memory about one tensor (plus the mapped checkpoint pages), on one rank, whatever the model's size. The
     config (with the plan), tokenizer and generation config come from the model being trained, so
     a run started from a hub id or a GGUF file converts too. Every rank learns of a failure.
 

@@ -214,3 +214,26 @@ def test_frozen_base_checkpoint_to_hf_equals_final_without_prunext(run_lora, tmp
     assert fresh["cls"] == "Qwen2ForCausalLM" and fresh["layers"] == 4
     with torch.no_grad():
         torch.testing.assert_close(fresh["logits"], final(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shard", ["1GB", 60])
+def test_streaming_writer_is_what_safetensors_reads(tmp_path, dtype, shard):
+    """Headers first, then one tensor at a time: safetensors reads back every tensor, buffers keep their dtype."""
+    from safetensors.torch import load_file
+
+    from prunext.convert.zero import Lazy, write_stored_streaming
+
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7), "ids": torch.arange(6).reshape(2, 3), "empty": torch.randn(0, 4)}
+    stored = {k: Lazy(tuple(v.shape), lambda v=v: v.clone(), None if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
+    names = write_stored_streaming(stored, tmp_path, dtype, shard, progress=False)
+    assert (len(names) == 1) == (shard == "1GB")
+    got = {}
+    for name in names:
+        if name.endswith(".safetensors"):
+            got.update(load_file(str(tmp_path / name)))
+    assert got.keys() == tensors.keys()
+    for key, value in tensors.items():
+        want = value.to(dtype) if value.is_floating_point() else value
+        assert got[key].dtype == want.dtype and torch.equal(got[key], want), key
