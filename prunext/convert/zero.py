@@ -184,21 +184,6 @@ def model_source(ckpt_dir: Path, model: str | None = None) -> Path:
     )
 
 
-def read_config(folder: Path):
-    """The :class:`PrunextConfig` of a native folder, or the identity-plan config of a plain HF folder."""
-    from transformers import AutoConfig
-
-    from prunext.core.model import PrunextConfig, register
-    from prunext.core.plan import Plan
-
-    register()
-    data = json.loads((folder / "config.json").read_text())
-    if data.get("model_type") == "prunext":
-        return PrunextConfig.from_pretrained(folder)
-    base = AutoConfig.from_pretrained(folder)
-    return PrunextConfig.from_base(base, Plan.identity(base.num_hidden_layers))
-
-
 # ------------------------------------------------------------ lazy fp32 tensors
 @dataclass
 class Lazy:
@@ -389,6 +374,7 @@ def convert_zero_checkpoint(
     import torch
 
     from prunext.convert.hf import check_hf_expressible
+    from prunext.core.checkpoint import read_config
 
     dtype = dtype or torch.float32
     status = choose_tag(ckpt_dir, tag)

@@ -155,6 +155,30 @@ def read_plan(folder: str | os.PathLike) -> Plan | None:
         return None
 
 
+def read_config(folder: Path) -> PrunextConfig:
+    """The :class:`PrunextConfig` of a native folder, or the identity-plan config of a plain HF folder, from
+    ``config.json`` alone (no weight is read).
+
+    Raises:
+        ModelError: ``config.json`` is not valid JSON, or the family has no entry.
+    """
+    from transformers import AutoConfig
+
+    from prunext.core.families import check_family
+
+    register()
+    folder = Path(folder)
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{folder / 'config.json'} is not valid JSON ({e}); re-copy or re-create the model folder") from e
+    if data.get("model_type") == "prunext":
+        return PrunextConfig.from_pretrained(folder)
+    check_family(data.get("model_type", "?"))
+    base = AutoConfig.from_pretrained(folder)
+    return PrunextConfig.from_base(base, Plan.identity(base.num_hidden_layers))
+
+
 def read_safetensors_keys(folder: Path) -> dict[str, str]:
     """Map every stored tensor name to the file holding it (single file or sharded)."""
     index = folder / INDEX_FILE

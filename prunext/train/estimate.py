@@ -137,9 +137,9 @@ def check_fits(need: Estimate, ranks_per_node: int, config_name: str, world: int
 
 def check_run(model: str, teacher: str | None, trainable: str, ds_config: dict, world: int, config_name: str) -> Estimate | None:
     """The estimate of a run whose models are local folders (checked against this node's memory), else None."""
+    from prunext.core.checkpoint import read_config
     from prunext.core.loading import resolve_model_path
     from prunext.train.dsconfig import config_dtype
-    from prunext.train.partitioned import read_config
 
     def config_of(spec: str | None):
         if spec is None:
@@ -147,13 +147,13 @@ def check_run(model: str, teacher: str | None, trainable: str, ds_config: dict, 
         where = resolve_model_path(spec)
         return read_config(where) if not isinstance(where, str) and (where / "config.json").is_file() else None
 
-    student = config_of(model)
-    if student is None or (teacher is not None and config_of(teacher) is None):
+    student, teacher_config = config_of(model), config_of(teacher)
+    if student is None or (teacher is not None and teacher_config is None):
         return None  # a hub id or a GGUF file: its size is known only once it is read
     zero = ds_config.get("zero_optimization", {})
     offloaded = {k: zero.get(k, {}).get("device", "none") not in (None, "none") for k in ("offload_optimizer", "offload_param")}
     ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", min(world, os.cpu_count() or 1)))
-    need = estimate(sizes_of(student, trainable), sizes_of(config_of(teacher), None) if teacher else None, world,
+    need = estimate(sizes_of(student, trainable), sizes_of(teacher_config, None) if teacher else None, world,
                     ranks_per_node, config_dtype(ds_config), **offloaded)
     check_fits(need, ranks_per_node, config_name, world)
     return need

@@ -23,7 +23,6 @@ whole on every rank, with a warning saying how to avoid it.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from pathlib import Path
 
@@ -81,38 +80,14 @@ def local_folder(spec: str) -> Path | None:
     return where
 
 
-def read_config(folder: Path):
-    """The :class:`PrunextConfig` of a native folder, or the identity-plan config of a plain HF folder.
-
-    A family without an entry is refused here, from ``config.json``, before any weight is read.
-    """
-    from transformers import AutoConfig
-
-    from prunext.core.config import PrunextConfig
-    from prunext.core.families import check_family
-    from prunext.core.model import register
-    from prunext.core.plan import Plan
-
-    register()
-    try:
-        data = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{folder / 'config.json'} is not valid JSON ({e}); re-copy or re-create the model folder") from e
-    if data.get("model_type") == "prunext":
-        return PrunextConfig.from_pretrained(folder)
-    check_family(data.get("model_type", "?"))
-    base = AutoConfig.from_pretrained(folder)
-    return PrunextConfig.from_base(base, Plan.identity(base.num_hidden_layers))
-
-
-def load_partitioned(spec: str, ds_config: dict, dtype: torch.dtype):
+def load_partitioned(folder: Path, ds_config: dict, dtype: torch.dtype):
     """The model of ``spec`` built under ``deepspeed.zero.Init`` and filled one stored tensor at a time.
 
     Every rank calls this (it runs collectives). Loading is strict: a stored tensor the model
     does not have, or a parameter no stored tensor fills, is a :class:`ModelError`.
 
     Args:
-        spec: any model spec ``prunext`` accepts (GGUF excepted: see :func:`load_for_zero3`).
+        folder: a local model folder of safetensors weights (:func:`local_folder`).
         ds_config: the run's DeepSpeed config (ZeRO-3).
         dtype: the parameters' dtype.
 
@@ -128,14 +103,11 @@ def load_partitioned(spec: str, ds_config: dict, dtype: torch.dtype):
     from transformers.initialization import no_init_weights
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
-    from prunext.core.checkpoint import iter_safetensors, read_safetensors_keys
+    from prunext.core.checkpoint import iter_safetensors, read_config, read_safetensors_keys
     from prunext.core.families import family_of
     from prunext.core.loading import _load_tokenizer
     from prunext.core.model import PrunextForCausalLM
 
-    folder = local_folder(spec)
-    if folder is None:
-        raise ModelError(f"{spec} is not a folder of safetensors weights; it cannot be loaded partitioned")
     config = read_config(folder)
     files = read_safetensors_keys(folder)
     rank = dist.get_rank()
@@ -209,10 +181,11 @@ def load_for_zero3(spec: str, ds_config: dict, dtype: torch.dtype):
     """:func:`load_partitioned`, or for a GGUF file the whole model on every rank (with a warning); ``(model, tokenizer)``."""
     from prunext.core.loading import load_model
 
-    if local_folder(spec) is None:
+    folder = local_folder(spec)
+    if folder is None:
         log.warning(
             "%s is a GGUF file: it is dequantized whole on every rank before ZeRO-3 partitions it; for large models "
             "convert it once (prunext convert --from %s --to DIR) and train from DIR, which loads partitioned", spec, spec,
         )
         return load_model(spec, dtype=dtype)
-    return load_partitioned(spec, ds_config, dtype)
+    return load_partitioned(folder, ds_config, dtype)

@@ -17,7 +17,7 @@ import tiny  # noqa: E402
 def test_sizes_from_the_config_are_the_loaded_models(tmp_path):
     """Built on the meta device from config.json: the counts of the real model, each shared tensor once."""
     from prunext.core.loading import load_model
-    from prunext.train.partitioned import read_config
+    from prunext.core.checkpoint import read_config
     from prunext.train.trainable import wants
 
     folder = tiny.build_tiny_pruned(tmp_path / "model")
