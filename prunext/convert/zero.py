@@ -22,7 +22,7 @@ duplicated. DeepSpeed's ``zero_to_fp32`` script is not used to write: with
 safetensors output it aborts on shared tensors.
 
 Memory: each shard's header is written first and the tensors are appended
-one at a time (:func:`write_stored_streaming`), and the checkpoint files are
+one at a time (:func:`prunext.core.checkpoint.write_stored_streaming`), and the checkpoint files are
 memory-mapped (page cache, not process memory), so the process holds about
 one tensor rather than one model (``--format hf`` builds the whole model).
 """
@@ -34,7 +34,6 @@ import io
 import json
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,18 +184,6 @@ def model_source(ckpt_dir: Path, model: str | None = None) -> Path:
 
 
 # ------------------------------------------------------------ lazy fp32 tensors
-@dataclass
-class Lazy:
-    """A full tensor not yet assembled: ``shape`` now, ``load()`` -> the tensor (one copy) when asked.
-
-    ``dtype``: what ``load()`` gives when it is not a floating-point tensor (a buffer), else None.
-    """
-
-    shape: tuple
-    load: Callable
-    dtype: object = None
-
-
 def open_zero3(tag_dir: Path) -> dict[str, Lazy]:
     """Every parameter name in a ZeRO-3 tag -> a lazy full fp32 tensor; shared names point to one entry.
 
@@ -204,6 +191,8 @@ def open_zero3(tag_dir: Path) -> dict[str, Lazy]:
     """
     import torch
     from deepspeed.utils import zero_to_fp32 as z
+
+    from prunext.core.checkpoint import Lazy
 
     files = _rank_files(tag_dir)
     world = len(files["model"])
@@ -268,71 +257,9 @@ def stored_lazy(config, lazy: dict[str, Lazy]) -> dict[str, Lazy]:
     return {k: lazy[k] for k in keys}
 
 
-# ------------------------------------------------------------ writing
-#: safetensors' names of the dtypes a stored tensor can have.
-_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
-                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-
-
-def write_stored_streaming(stored: dict[str, Lazy], folder: Path, dtype, max_shard_size, progress: bool = True) -> list[str]:
-    """Write safetensors shards (+ index), one tensor in memory at a time.
-
-    Same layout and files as :func:`prunext.core.checkpoint.write_safetensors`. Every shape and
-    dtype is known before any tensor is assembled, so each shard's header is written first and
-    each tensor is appended as it is loaded, then dropped (the safetensors format: an 8-byte
-    little-endian header length, the JSON header padded to 8 bytes, the tensors' bytes in order).
-    """
-    import math
-
-    import torch
-    from tqdm.auto import tqdm
-
-    from prunext.core.checkpoint import INDEX_FILE, SINGLE_FILE, parse_size
-
-    def dtype_of(key: str):
-        return stored[key].dtype or dtype
-
-    limit = parse_size(max_shard_size)
-    size_of = {k: math.prod(v.shape) * dtype_of(k).itemsize for k, v in stored.items()}
-    groups: list[list[str]] = [[]]
-    size = 0
-    for key in stored:
-        if groups[-1] and size + size_of[key] > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(key)
-        size += size_of[key]
-    names = [SINGLE_FILE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    bar = tqdm(total=len(stored), desc="tensors", unit="tensor", disable=not progress)
-    for name, keys in zip(names, groups):
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for key in keys:
-            kind = _SAFETENSORS_DTYPES[str(dtype_of(key)).removeprefix("torch.")]
-            header[key] = {"dtype": kind, "shape": list(stored[key].shape), "data_offsets": [offset, offset + size_of[key]]}
-            offset += size_of[key]
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        with open(folder / name, "wb") as f:
-            f.write(len(text).to_bytes(8, "little"))
-            f.write(text)
-            for key in keys:
-                t = stored[key].load()
-                t = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-                if tuple(t.shape) != tuple(stored[key].shape) or t.dtype != dtype_of(key):
-                    raise ValueError(f"{key}: assembled {tuple(t.shape)} {t.dtype}, expected {tuple(stored[key].shape)} {dtype_of(key)}")
-                f.write(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, no copy
-                del t
-                bar.update(1)
-    bar.close()
-    if len(groups) > 1:
-        index = {"metadata": {"total_size": sum(size_of.values())}, "weight_map": {k: n for n, ks in zip(names, groups) for k in ks}}
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        names.append(INDEX_FILE)
-    return names
-
-
 def fold_norm_gate(stored: dict[str, Lazy], tag_dir: Path) -> dict[str, Lazy]:
     """A tag saved while ``train --norm-open`` was still opening holds raw output-norm weights: apply its gate."""
+    from prunext.core.checkpoint import Lazy
     from prunext.train.normopen import checkpoint_gate
 
     gate = checkpoint_gate(tag_dir / STATE_FILE)
@@ -374,7 +301,7 @@ def convert_zero_checkpoint(
     import torch
 
     from prunext.convert.hf import check_hf_expressible
-    from prunext.core.checkpoint import read_config
+    from prunext.core.checkpoint import read_config, write_stored_streaming
 
     dtype = dtype or torch.float32
     status = choose_tag(ckpt_dir, tag)

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,15 +96,106 @@ def write_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_si
     return names + [INDEX_FILE]
 
 
-def write_native(model: PrunextForCausalLM, folder: Path, tokenizer=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Write the native files into an existing folder (no atomicity; see :func:`save_native`)."""
+@dataclass
+class Lazy:
+    """A tensor not yet read or assembled: ``shape`` now, ``load()`` -> the tensor (one copy) when asked.
+
+    ``dtype``: what ``load()`` gives when it is not a floating-point tensor (a buffer), else None.
+    """
+
+    shape: tuple
+    load: Callable
+    dtype: object = None
+
+
+#: safetensors' names of the dtypes a stored tensor can have.
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_stored_streaming(stored: dict[str, Lazy], folder: Path, dtype, max_shard_size, progress: bool = True) -> list[str]:
+    """Write safetensors shards (+ index), one tensor in memory at a time.
+
+    Same layout and files as :func:`write_safetensors`. Every shape and dtype is known before
+    any tensor is read, so each shard's header is written first and each tensor is appended
+    as it is loaded, then dropped (the safetensors format: an 8-byte little-endian header
+    length, the JSON header padded to 8 bytes, the tensors' bytes in order). Floating tensors
+    are written in ``dtype``.
+    """
+    from tqdm.auto import tqdm
+
+    def dtype_of(key: str):
+        return stored[key].dtype or dtype
+
+    limit = parse_size(max_shard_size)
+    size_of = {k: math.prod(v.shape) * dtype_of(k).itemsize for k, v in stored.items()}
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key in stored:
+        if groups[-1] and size + size_of[key] > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += size_of[key]
+    names = [SINGLE_FILE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    bar = tqdm(total=len(stored), desc="tensors", unit="tensor", disable=not progress)
+    for name, keys in zip(names, groups):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for key in keys:
+            kind = _SAFETENSORS_DTYPES[str(dtype_of(key)).removeprefix("torch.")]
+            header[key] = {"dtype": kind, "shape": list(stored[key].shape), "data_offsets": [offset, offset + size_of[key]]}
+            offset += size_of[key]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with open(folder / name, "wb") as f:
+            f.write(len(text).to_bytes(8, "little"))
+            f.write(text)
+            for key in keys:
+                t = stored[key].load()
+                t = (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
+                if tuple(t.shape) != tuple(stored[key].shape) or t.dtype != dtype_of(key):
+                    raise ValueError(f"{key}: assembled {tuple(t.shape)} {t.dtype}, expected {tuple(stored[key].shape)} {dtype_of(key)}")
+                f.write(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, no copy
+                del t
+                bar.update(1)
+    bar.close()
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(size_of.values())}, "weight_map": {k: n for n, ks in zip(names, groups) for k in ks}}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        names.append(INDEX_FILE)
+    return names
+
+
+def write_native(
+    model: PrunextForCausalLM,
+    folder: Path,
+    tokenizer=None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+    meta_source: Callable[[str], torch.Tensor] | None = None,
+) -> None:
+    """Write the native files into an existing folder (no atomicity; see :func:`save_native`).
+
+    Args:
+        meta_source: for a model whose base tensors are still on the meta device (built over a
+            folder larger than memory, ``prune --offload``): stored key -> that tensor, called
+            when it is written. The shards are then written one tensor at a time
+            (:func:`write_stored_streaming`), in the model's dtype.
+    """
     folder = Path(folder)
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
     write_portable_code(folder)
     if model.generation_config is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)
-    write_safetensors(stored_state_dict(model), folder, max_shard_size)
+    state = stored_state_dict(model)
+    if meta_source is None:
+        write_safetensors(state, folder, max_shard_size)
+    else:
+        stored = {
+            key: Lazy(tuple(t.shape), (lambda key=key: meta_source(key)) if t.is_meta else (lambda t=t: t), None if t.is_floating_point() else t.dtype)
+            for key, t in state.items()
+        }
+        write_stored_streaming(stored, folder, next(model.parameters()).dtype, max_shard_size, progress=False)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -194,20 +288,29 @@ def read_safetensors_keys(folder: Path) -> dict[str, str]:
         raise ModelError(f"the weights in {folder} are corrupt or truncated ({e}); re-create or re-copy the folder") from e
 
 
+def read_tensor(folder: Path, files: dict[str, str], key: str) -> torch.Tensor:
+    """One stored tensor, from a file opened for it alone.
+
+    safetensors maps the whole file and hands out tensors backed by the mapping; pages a read
+    touches stay resident until the file is closed. Opening the file per tensor releases them
+    with the tensor, so reading a model tensor by tensor holds one tensor, not one shard.
+
+    Raises:
+        ModelError: the tensor is not stored, or its file is corrupt or truncated.
+    """
+    if key not in files:
+        raise ModelError(f"{folder} stores no tensor '{key}' though its config needs it; the folder is incomplete")
+    try:
+        with safe_open(str(folder / files[key]), framework="pt") as f:
+            return f.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"the weights file {folder / files[key]} is corrupt or truncated ({e}); re-create or re-copy the folder") from e
+
+
 def iter_safetensors(folder: Path, files: dict[str, str]):
-    """Yield ``(name, tensor)`` one tensor at a time, so memory stays near one model copy."""
-    by_file: dict[str, list[str]] = {}
-    for key, name in files.items():
-        by_file.setdefault(name, []).append(key)
-    for name, keys in by_file.items():
-        try:
-            with safe_open(str(folder / name), framework="pt") as f:
-                for key in keys:
-                    yield key, f.get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise ModelError(
-                f"the weights file {folder / name} is corrupt or truncated ({e}); re-create or re-copy the folder"
-            ) from e
+    """Yield ``(name, tensor)`` one tensor at a time (:func:`read_tensor`), file by file."""
+    for key in sorted(files, key=lambda k: files[k]):
+        yield key, read_tensor(folder, files, key)
 
 
 def _materialize_owned(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -257,7 +360,8 @@ def assign_stored(model: PrunextForCausalLM, state: dict[str, torch.Tensor], *, 
         first = str(e).strip().splitlines()[-1].strip()
         raise ModelError(f"the stored weights do not fit the plan's shapes ({first}); the folder is inconsistent") from e
     some = next(iter(state.values()))
-    _materialize_owned(model, some.device, some.dtype)
+    # over a meta-device source (prune --offload) the new parts are still real, on the CPU
+    _materialize_owned(model, torch.device("cpu") if some.is_meta else some.device, some.dtype)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.tie_positions()

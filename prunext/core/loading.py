@@ -162,6 +162,32 @@ def resolve_model_path(spec: str) -> Path | str:
     return spec  # a hub id
 
 
+def local_folder(spec: str) -> Path | None:
+    """The local folder of a model spec whose weights are safetensors: a folder, a built-in model, a hub id (downloaded).
+
+    None for a GGUF file (or a folder holding only one), which cannot be read tensor by tensor.
+
+    Raises:
+        ModelError: the spec cannot be found, or the hub cannot be reached.
+    """
+    where = resolve_model_path(spec)
+    if isinstance(where, str):  # a hub id
+        from huggingface_hub import snapshot_download
+
+        try:
+            where = Path(snapshot_download(where, allow_patterns=["*.json", "*.safetensors", "*.py", "tokenizer*", "*.model", "*.txt"]))
+        except Exception as e:
+            if _hub_unreachable(e):
+                raise ModelError(
+                    f"model '{spec}' is not a local path, and the Hugging Face hub could not be reached (offline mode or no network); "
+                    "pass a local model folder, a .gguf file or builtin:smollm2-135m, or check your network"
+                ) from e
+            raise ModelError(f"could not download model '{spec}' from the Hugging Face hub ({str(e).splitlines()[0]}); check the name") from e
+    if where.is_file() or not (where / "config.json").is_file():
+        return None
+    return where
+
+
 def require_tokenizer(tokenizer, spec: str):
     """Return ``tokenizer``, or refuse a model that came without one."""
     if tokenizer is None:

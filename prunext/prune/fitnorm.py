@@ -32,6 +32,8 @@ import logging
 
 import torch
 
+from prunext.prune.collective import rank_and_world, sum_over_ranks
+
 log = logging.getLogger(__name__)
 
 #: Tokens the fit uses at most (the first windows): two numbers per feature need few.
@@ -57,15 +59,7 @@ class Moments:
         self.count += x.shape[0]
 
     def all_reduce(self) -> None:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        if torch.distributed.get_world_size() == 1:
-            return
-        packed = torch.cat([self.sums.flatten(), torch.tensor([float(self.count)], dtype=torch.float64)])
-        if torch.distributed.get_backend() == "nccl":
-            packed = packed.to(torch.device("cuda", torch.cuda.current_device()))
-        torch.distributed.all_reduce(packed)
-        packed = packed.cpu()
+        packed = sum_over_ranks(torch.cat([self.sums.flatten(), torch.tensor([float(self.count)], dtype=torch.float64)]))
         self.sums, self.count = packed[:-1].view_as(self.sums), int(round(packed[-1].item()))
 
     def solve(self, intercept: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,9 +117,7 @@ def fit_out_norms(model, source, sources: dict[int, int], windows: torch.Tensor,
     """
     from tqdm.auto import tqdm
 
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world = rank_and_world()
     seq_len = windows.shape[1]
     use = windows[: max(1, FIT_TOKENS // seq_len)][rank::world]
     was_training = model.training

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunext.prune.collective import rank_and_world, sum_over_ranks
+
 log = logging.getLogger(__name__)
 
 METRICS = ("bi", "angular", "streamline")
@@ -156,12 +158,6 @@ def _token_values(metric: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return cos
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class _RunningSums:
     """float64 running sums of the per-token statistic, one per score index, and a token count."""
 
@@ -177,16 +173,8 @@ class _RunningSums:
 
     def scores(self) -> BlockScores:
         """All-reduce over ranks (when distributed) and turn sums into means."""
-        _, world = _rank_and_world()
-        sums, tokens = self.sums, self.tokens
-        if world > 1:
-            dist = torch.distributed
-            packed = torch.tensor([*sums, float(tokens)], dtype=torch.float64)
-            if dist.get_backend() == "nccl":  # nccl reduces device tensors only
-                packed = packed.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-            packed = packed.cpu().tolist()
-            sums, tokens = packed[:-1], int(round(packed[-1]))
+        packed = sum_over_ranks(torch.tensor([*self.sums, float(self.tokens)], dtype=torch.float64)).tolist()
+        sums, tokens = packed[:-1], int(round(packed[-1]))
         if tokens == 0:
             raise ValueError("no calibration tokens were scored")
         means = [s / tokens for s in sums]
@@ -198,7 +186,7 @@ class _RunningSums:
 def _progress(iterable, total: int, desc: str, progress: bool):
     from tqdm.auto import tqdm
 
-    rank, _ = _rank_and_world()
+    rank, _ = rank_and_world()
     return tqdm(iterable, total=total, desc=desc, disable=not progress or rank != 0)
 
 
@@ -248,7 +236,7 @@ def score_blocks(
     layers = model.model.layers
     num_blocks = len(layers)
     windows = _check_args(metric, window, num_blocks, windows, batch_size)
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     local = windows[rank::world]
     device = torch.device(device)
     first = next(model.parameters(), None)
@@ -397,7 +385,7 @@ def score_blocks_offloaded(
     inner = model.model
     num_blocks = len(inner.layers)
     windows = _check_args(metric, window, num_blocks, windows, batch_size)
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     local = windows[rank::world]
     device = torch.device(device)
     starts = range(0, local.shape[0], batch_size)

@@ -34,6 +34,7 @@ from prunext.core.families import Slot, family_of
 from prunext.core.plan import LINEAR_NAMES, Plan, Position
 from prunext.errors import UserError
 from prunext.prune.ratio import Budget
+from prunext.prune.collective import merge_over_ranks, rank_and_world
 from prunext.prune.replace import choose_sources, distance_matrix, svd_adapter
 
 #: Importance metric each method ranks blocks by (the window length comes from the budget).
@@ -122,6 +123,7 @@ def decide(
     filter_rank: int | None = None,
     out_norm: bool = True,
     kept_lora: float = 0.0,
+    solver: str = "exact",
 ) -> Pruning:
     """Choose the blocks to prune from ``scores`` and lay out the pruned model's plan.
 
@@ -137,6 +139,8 @@ def decide(
         kept_lora: flexigpt hybrid: the fraction of the adapter rank budget (``len(pruned) * r_a``)
             moved from the replacements onto LoRA on the kept blocks (:func:`split_ranks`); 0 =
             pure replacement. The adapter parameters stored are the same for every value.
+        solver: flexigpt: how the filtering's singular triplets are computed
+            (:func:`prunext.prune.replace.top_singular`).
 
     Returns:
         The decision; for flexigpt with the distance matrix.
@@ -155,7 +159,7 @@ def decide(
             raise ValueError("flexigpt needs the block weights to choose the shared blocks")
         ranks = split_ranks(budget.adapter_rank, pruned, kept, kept_lora)
         # each replacement is matched at the adapter rank it will really have
-        distances = distance_matrix(weights, pruned, kept, {b: ranks[b] for b in pruned}, filter_rank).cpu()
+        distances = distance_matrix(weights, pruned, kept, {b: ranks[b] for b in pruned}, filter_rank, solver)
         sources = choose_sources(distances, pruned, kept)
         # each pruned position runs its source's weights plus its own adapters and norms;
         # in the hybrid, kept blocks carry LoRA too (B = 0 at init, as shortgpt-lora)
@@ -231,21 +235,28 @@ def build_model(source: nn.Module, pruning: Pruning, out_norm_init: float) -> nn
 
 
 @torch.no_grad()
-def init_adapters_svd(model: nn.Module, pruning: Pruning, weights: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+def init_adapters_svd(
+    model: nn.Module, pruning: Pruning, weights: Mapping[int, Mapping[str, torch.Tensor]], solver: str = "exact"
+) -> None:
     """Start each flexigpt replacement's adapters at the truncated SVD of ``W_i - W_j`` (docs/method.md item 4).
 
     Position i (= pruned block i, replaced in place) runs kept block j: its
     ``lora_B @ lora_A`` becomes the best rank-r approximation of ``W_i - W_j``
     per linear, so ``W_j + BA`` approximates the pruned block's own weight.
+    Under torchrun each rank starts every ``world``-th replacement and the
+    adapters are exchanged, so every rank ends with all of them.
 
     Args:
         model: built by :func:`build_model` from a flexigpt pruning.
         pruning: the decision (``sources``).
         weights: :func:`block_weights` of the SOURCE model (unfiltered), covering every
-            pruned block and its source.
+            pruned block and its source; read one pair of weights at a time.
+        solver: see :func:`prunext.prune.replace.top_singular`.
     """
     slots = linear_slots(model)
-    for i, j in pruning.sources.items():
+    rank, world = rank_and_world()
+    started = {}
+    for i, j in sorted(pruning.sources.items())[rank::world]:
         position = pruning.plan.positions[i]
         if position.lora_scale != 1.0:
             raise ValueError(f"SVD init needs LoRA scale 1 (lora_alpha = rank); position {i} has {position.lora_scale}")
@@ -254,9 +265,20 @@ def init_adapters_svd(model: nn.Module, pruning: Pruning, weights: Mapping[int, 
             slot = slots[name]
             linear = layer.get_submodule(slot.path)
             a_rows, b_rows = linear.part_rows(slot.start)  # all rows of an unfused linear
-            a, b = svd_adapter(weights[i][name], weights[j][name], position.lora_rank)
+            a, b = svd_adapter(weights[i][name], weights[j][name], position.lora_rank, solver)
             linear.lora_A[a_rows] = a
             linear.lora_B[b_rows] = b
+        started[i] = {path: (m.lora_A.cpu(), m.lora_B.cpu()) for path, m in _adapted(layer, position, slots).items()}
+    if world > 1:
+        for i, adapters in merge_over_ranks(started).items():
+            for path, m in _adapted(model.model.layers[i], pruning.plan.positions[i], slots).items():
+                m.lora_A.copy_(adapters[path][0])
+                m.lora_B.copy_(adapters[path][1])
+
+
+def _adapted(layer: nn.Module, position, slots) -> dict[str, nn.Module]:
+    """``{module path: adapted linear}`` of one position (a fused linear once)."""
+    return {slots[name].path: layer.get_submodule(slots[name].path) for name in position.lora_targets}
 
 
 def stored_params(model: nn.Module) -> int:

@@ -21,6 +21,7 @@ import time
 from prunext.core.model import DEFAULT_OUT_NORM_INIT
 from prunext.errors import UserError
 from prunext.prune.ratio import METHODS
+from prunext.prune.replace import SOLVERS
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,21 @@ defaults (the paper's, scaled to the hidden size): --adapter-rank and --filter-r
   {DEFAULT_OUT_NORM_INIT:g} (0: the model starts exactly as the block-dropped one; 'fit': least
   squares against each pruned block's own output), calibration
   32768 tokens of builtin:wiki:train in windows of 512 (our choice: on SmolLM2-135M at
-  30%, 4096 and 32768 tokens agree on 10 of the 11 blocks; more tokens, steadier scores). --offload streams blocks from disk for the scoring
-  pass only; the model is then loaded whole to build the result.
+  30%, 4096 and 32768 tokens agree on 10 of the 11 blocks; more tokens, steadier scores).
 
-speed: the distances and SVD init are many small float64 eigendecompositions; on a CPU
-  shared with other jobs, OMP_NUM_THREADS=1 or OMP_WAIT_POLICY=PASSIVE keeps OpenMP from
-  spin-waiting (several times faster there). Under torchrun the scoring is split over ranks.
+models larger than memory: --offload never loads the model. Scoring runs one block at a
+  time on --device; matching and the SVD start read one weight at a time; the pruned
+  model is built on the meta device and saved one tensor at a time, read from the
+  source's shards. Peak host memory: about one block plus the embedding and the
+  calibration activations (0.25x of a 1.3 GB model, BENCHMARKS.md). Same result as
+  without it, tensor for tensor; --out-norm-init fit needs the whole model and is refused.
+
+speed: the distances and SVD init are many small float64 eigendecompositions on --device;
+  on a CPU shared with other jobs, OMP_NUM_THREADS=1 or OMP_WAIT_POLICY=PASSIVE keeps OpenMP
+  from spin-waiting (several times faster there). --svd-solver randomized is 2-3x faster
+  (float32, randomized) but may pick differently where two kept blocks are within ~1% (1
+  of 11 picks on SmolLM2-135M at 30%). Under torchrun the scoring windows, the distance
+  rows and the SVD starts are split over the ranks; every rank ends with the same result.
 
 outputs: DIR (native model + tokenizer), DIR/prune_report.json, DIR/importance.png,
   DIR/distances.png (flexigpt).
@@ -74,7 +84,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 #: Flags that only flexigpt uses (the ablation switches and its replacement parts).
 #: ``--kept-lora`` default: the hybrid healed faster than pure replacement at every measured budget (BENCHMARKS.md).
 DEFAULT_KEPT_LORA = 0.5
-FLEXIGPT_ONLY = ("filter_rank", "out_norm", "out_norm_init", "no_filter", "no_svd_init", "kept_lora")
+FLEXIGPT_ONLY = ("filter_rank", "out_norm", "out_norm_init", "no_filter", "no_svd_init", "kept_lora", "svd_solver")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +115,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-filter", action="store_true", default=None, help="flexigpt ablation: distance on raw weights (no low-rank filtering)")
     parser.add_argument("--no-svd-init", action="store_true", default=None, help="flexigpt ablation: adapters at LoRA's usual init (B = 0)")
-    parser.add_argument("--offload", action="store_true", help="score one block at a time from disk (model folders only)")
+    parser.add_argument(
+        "--offload", action="store_true",
+        help="prune a model larger than memory: score, match, initialise and save reading one tensor at a time from disk (model folders only)",
+    )
+    parser.add_argument(
+        "--svd-solver", choices=SOLVERS, default=None,
+        help="flexigpt: how the matching and SVD start compute top singular vectors: exact (float64, default) or "
+        "randomized (float32 torch.svd_lowrank on --device; faster for large weights on a GPU)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for adapter A matrices that are not SVD-initialised (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -143,6 +161,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--calib-tokens {args.calib_tokens} is less than one window of --seq-len {args.seq_len}; give more tokens")
     if args.out_norm_init == "fit" and args.out_norm == "none":
         raise UserError("--out-norm-init fit needs output norms; drop --out-norm none")
+    if args.out_norm_init == "fit" and args.offload:
+        raise UserError("--out-norm-init fit runs the whole model forward, which --offload avoids; give a scale (e.g. 0.01) or drop --offload")
     if isinstance(args.out_norm_init, float) and not (math.isfinite(args.out_norm_init) and args.out_norm_init >= 0):
         raise UserError(f"--out-norm-init {args.out_norm_init} must be a finite number >= 0 (small, e.g. {DEFAULT_OUT_NORM_INIT:g})")
     if args.kept_lora is not None and not (math.isfinite(args.kept_lora) and 0 <= args.kept_lora < 1):
@@ -152,21 +172,22 @@ def check_args(args: argparse.Namespace) -> None:
     args.out_norm = args.out_norm or "layernorm"
     args.no_filter = bool(args.no_filter)
     args.no_svd_init = bool(args.no_svd_init)
+    args.svd_solver = args.svd_solver or "exact"
     check_out_dir(args.out, args.overwrite)
 
 
 def _offload_folder(spec: str):
-    """The folder ``--offload`` streams from; refuses what is not a model folder."""
-    from prunext.core.loading import resolve_model_path
+    """The folder ``--offload`` streams from (a hub id is downloaded first); refuses what is not a model folder."""
+    from prunext.core.loading import local_folder
 
-    where = resolve_model_path(spec)
-    if isinstance(where, str) or not (where / "config.json").is_file():
-        raise UserError(f"--offload reads a local model folder with config.json and safetensors; '{spec}' is not one (drop --offload)")
+    where = local_folder(spec)
+    if where is None:
+        raise UserError(f"--offload reads a model folder with config.json and safetensors; '{spec}' is not one (drop --offload)")
     return where
 
 
-def _skeleton(folder):
-    """The folder's model on the meta device (for sizes) and its config; refuses non-identity plans."""
+def _skeleton(folder, dtype):
+    """The folder's model on the meta device, in ``dtype``, and its config; refuses non-identity plans."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -180,8 +201,13 @@ def _skeleton(folder):
             raise UserError(f"{folder} is already pruned or extended (its plan is not the identity); prune/extend a plain or identity-plan model")
         config = config.base_config()
     check_family(config.model_type)
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config), config
+    with init_empty_weights(include_buffers=False):  # rotary buffers are computed, small and needed
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.eval(), config
 
 
 def _tokenizer(folder):
@@ -263,8 +289,8 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
     source = folder = None
     if args.offload:
         folder = _offload_folder(args.model)
-        skeleton, config = _skeleton(folder)
-        sizes, tokenizer = ModelSizes.from_model(skeleton), _tokenizer(folder)
+        source, config = _skeleton(folder, dtype)  # on the meta device: the weights stay on disk
+        sizes, tokenizer = ModelSizes.from_model(source), _tokenizer(folder)
     else:
         source, tokenizer = load_model(args.model, dtype=dtype, device=device)
         methods.check_source(source)
@@ -296,6 +322,7 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
         "out_norm_init": out_norm_init if flexigpt and out_norm else None,
         "svd_init": (not args.no_svd_init) if flexigpt else None,
         "kept_lora": args.kept_lora if flexigpt else None,
+        "svd_solver": args.svd_solver if flexigpt else None,
         "calib": args.calib,
         "calib_tokens": args.calib_tokens,
         "seq_len": args.seq_len,
@@ -319,21 +346,32 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
     else:
         scores = score_blocks(source, calib, metric, window, args.batch_size, device)
     timings["scoring"] = time.perf_counter() - start
-    if source is None:
-        source, _ = load_model(args.model, dtype=dtype, device=device)
 
     # run: decide, build, initialise
     start = time.perf_counter()
-    weights = methods.block_weights(source, range(sizes.num_blocks)) if flexigpt else None
-    pruning = methods.decide(scores, budget, weights, filter_rank, out_norm, args.kept_lora if flexigpt else 0.0)
+    meta_source = weights = None
+    if args.offload:
+        from prunext.core.checkpoint import read_safetensors_keys, read_tensor
+        from prunext.prune.offload import StoredWeights, load_vectors, source_key
+
+        files = read_safetensors_keys(folder)
+        load_vectors(source, folder, files)
+        if flexigpt:
+            weights = StoredWeights(folder, files, methods.linear_slots(source), sizes.num_blocks, device)
+    elif flexigpt:
+        weights = methods.block_weights(source, range(sizes.num_blocks))
+    pruning = methods.decide(scores, budget, weights, filter_rank, out_norm, args.kept_lora if flexigpt else 0.0, args.svd_solver)
     timings["matching_svd"] = time.perf_counter() - start
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     model = methods.build_model(source, pruning, DEFAULT_OUT_NORM_INIT if out_norm_init == "fit" else out_norm_init)
+    if args.offload:
+        def meta_source(key: str, plan=pruning.plan):
+            return read_tensor(folder, files, source_key(key, plan)).to(dtype)
     timings["build_save"] = time.perf_counter() - start
     if flexigpt and not args.no_svd_init:
         start = time.perf_counter()
-        methods.init_adapters_svd(model, pruning, weights)
+        methods.init_adapters_svd(model, pruning, weights, args.svd_solver)
         timings["matching_svd"] += time.perf_counter() - start
     fitted = None
     if flexigpt and out_norm_init == "fit":
@@ -351,7 +389,7 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
         return
     start = time.perf_counter()
     with atomic_dir(args.out, args.overwrite) as tmp:
-        write_native(model, tmp, tokenizer=tokenizer)
+        write_native(model, tmp, tokenizer=tokenizer, meta_source=meta_source)
         report.plot_importance(scores, pruning, tmp / report.IMPORTANCE_PLOT)
         if pruning.distances is not None:
             report.plot_distances(pruning, tmp / report.DISTANCE_PLOT)

@@ -52,34 +52,6 @@ def modify(params):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
-def local_folder(spec: str) -> Path | None:
-    """The local folder of a model spec whose weights are safetensors: a folder, a built-in model, a hub id (downloaded).
-
-    None for a GGUF file (or a folder holding only one), which cannot be read tensor by tensor.
-
-    Raises:
-        ModelError: the spec cannot be found, or the hub cannot be reached.
-    """
-    from prunext.core.loading import _hub_unreachable, resolve_model_path
-
-    where = resolve_model_path(spec)
-    if isinstance(where, str):  # a hub id
-        from huggingface_hub import snapshot_download
-
-        try:
-            where = Path(snapshot_download(where, allow_patterns=["*.json", "*.safetensors", "*.py", "tokenizer*", "*.model", "*.txt"]))
-        except Exception as e:
-            if _hub_unreachable(e):
-                raise ModelError(
-                    f"model '{spec}' is not a local path, and the Hugging Face hub could not be reached (offline mode or no network); "
-                    "pass a local model folder, a .gguf file or builtin:smollm2-135m, or check your network"
-                ) from e
-            raise ModelError(f"could not download model '{spec}' from the Hugging Face hub ({str(e).splitlines()[0]}); check the name") from e
-    if where.is_file() or not (where / "config.json").is_file():
-        return None
-    return where
-
-
 def load_partitioned(folder: Path, ds_config: dict, dtype: torch.dtype):
     """The model of ``spec`` built under ``deepspeed.zero.Init`` and filled one stored tensor at a time.
 
@@ -87,7 +59,7 @@ def load_partitioned(folder: Path, ds_config: dict, dtype: torch.dtype):
     does not have, or a parameter no stored tensor fills, is a :class:`ModelError`.
 
     Args:
-        folder: a local model folder of safetensors weights (:func:`local_folder`).
+        folder: a local model folder of safetensors weights (:func:`prunext.core.loading.local_folder`).
         ds_config: the run's DeepSpeed config (ZeRO-3).
         dtype: the parameters' dtype.
 
@@ -180,6 +152,8 @@ def check_shapes(folder: Path, files: dict[str, str], params: dict[str, torch.Te
 def load_for_zero3(spec: str, ds_config: dict, dtype: torch.dtype):
     """:func:`load_partitioned`, or for a GGUF file the whole model on every rank (with a warning); ``(model, tokenizer)``."""
     from prunext.core.loading import load_model
+
+    from prunext.core.loading import local_folder
 
     folder = local_folder(spec)
     if folder is None:

@@ -154,16 +154,16 @@ def train(run: CheckedRun, rank: int, local_rank: int, world: int, cli: dict) ->
     from prunext.train.dist import long_wait_group
     from prunext.train.engine import load_for_training, make_objective, resume_engine, save_final, start_engine
     from prunext.train.loop import run_steps
-    from prunext.train.metrics import memory_record, rss_mb
+    from prunext.train.metrics import MemoryStages, memory_record
     from prunext.train.normopen import prepare
 
     settings, options, budget, out = run.settings, run.options, run.budget, run.out
-    rss = {"start": rss_mb()}  # resident MiB at each stage; the libraries are loaded at the start
+    memory_stages = MemoryStages()  # resident MiB at each stage, and each stage's peak; libraries loaded at the start
     long_wait = long_wait_group(max(options.dist_timeout, 6 * 3600))  # tokenizing, writing final/: one rank works
 
     # ---- setup: model, data, engines
     model, tokenizer, counts = load_for_training(settings, run.ds_config, options.grad_checkpointing)
-    rss["model_loaded"] = rss_mb()
+    memory_stages.mark("model_loaded")
     vocab = model.config.vocab_size
     facts = {**settings.as_dict(), **counts, "vocab_size": vocab, "grad_checkpointing": options.grad_checkpointing}
     out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +179,7 @@ def train(run: CheckedRun, rank: int, local_rank: int, world: int, cli: dict) ->
             facts["output_norms"] = len(norms)
         engine = start_engine(model, settings, run.ds_config, budget)
         objective = make_objective(settings, run.ds_config, vocab)  # loads and checks the teacher
-        rss["engines_started"] = rss_mb()
+        memory_stages.mark("engines_started")
     except UserError:
         if rank == 0 and (run.out_created or options.overwrite):
             shutil.rmtree(out if run.out_created else data_dir, ignore_errors=True)
@@ -196,7 +196,7 @@ def train(run: CheckedRun, rank: int, local_rank: int, world: int, cli: dict) ->
     started = time.perf_counter()
     step, record = run_steps(engine, order, run, start_step, rank, world, objective=objective, held_out=held_out,
                              norms=norms, facts=facts, out=out, executed_params=counts["executed_params"])
-    rss["trained"] = rss_mb()
+    memory_stages.mark("trained")
     if step < budget.steps:
         if rank == 0:
             print(f"stopped at step {step} of {budget.steps} (--stop-at); continue with --resume (and a later or no --stop-at)", flush=True)
@@ -204,9 +204,9 @@ def train(run: CheckedRun, rank: int, local_rank: int, world: int, cli: dict) ->
 
     # ---- save
     save_final(engine, tokenizer, out / "checkpoints", tag_of(step), out / "final", rank, long_wait)
-    rss["saved"] = rss_mb()
+    memory_stages.mark("saved")
     memory = [None] * world
-    dist.all_gather_object(memory, memory_record(rank, rss))
+    dist.all_gather_object(memory, memory_record(rank, memory_stages))
     if rank == 0:
         worst = max(memory, key=lambda m: m["rss_peak_mb"] - m["rss_start_mb"])
         log.info("peak host memory above the start: %.0f MiB on rank %d (of %d ranks)", worst["rss_peak_mb"] - worst["rss_start_mb"], worst["rank"], world)

@@ -96,7 +96,7 @@ PRUNE = [
     (["--no-filter", "--filter-rank", "4"], "--no-filter and --filter-rank contradict each other"),
     (["--batch-size", "0"], "--batch-size 0 must be a positive integer"),
     (["--out", "{root}/a_file"], "is a file; give a folder path"),
-    (["--model", "{root}/no_data", "--offload"], "--offload reads a local model folder"),
+    (["--model", "{root}/no_data", "--offload"], "--offload reads a model folder"),
 ]
 
 

@@ -222,7 +222,7 @@ def test_streaming_writer_is_what_safetensors_reads(tmp_path, dtype, shard):
     """Headers first, then one tensor at a time: safetensors reads back every tensor, buffers keep their dtype."""
     from safetensors.torch import load_file
 
-    from prunext.convert.zero import Lazy, write_stored_streaming
+    from prunext.core.checkpoint import Lazy, write_stored_streaming
 
     torch.manual_seed(0)
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7), "ids": torch.arange(6).reshape(2, 3), "empty": torch.randn(0, 4)}

@@ -175,11 +175,50 @@ def test_offloaded_scoring_builds_the_same_model(tiny_dir, tmp_path):
     _assert_same_model(tmp_path / "mem", tmp_path / "off")
 
 
-@pytest.mark.integration  # ~30 s: two interpreters importing torch and transformers
-def test_two_processes_write_what_one_process_writes(tiny_dir, tmp_path):
-    assert main(_args(tiny_dir, tmp_path / "one", "--ratio", "0.25")) == 0
+@pytest.mark.parametrize(
+    "family, extra",
+    [
+        ("llama", ["--kept-lora", "0.5"]),  # the hybrid: kept blocks' random A matrices too
+        ("llama", ["--no-filter", "--kept-lora", "0"]),  # raw-weight distances, one kept block at a time
+        ("llama", ["--method", "shortgpt-lora"]),
+        ("phi3", []),  # fused linears: each part read as its rows
+        ("gemma2", []),  # sandwich norms: output norms start from the block's gain, read as a vector
+        ("olmo2", ["--svd-solver", "randomized"]),
+    ],
+    ids=["hybrid", "no-filter", "shortgpt-lora", "phi3", "gemma2", "olmo2-randomized"],
+)
+def test_offload_from_a_sharded_folder_writes_what_loading_writes(tiny_dir, tmp_path, family, extra):
+    """Every step of --offload (matching, SVD start, building, saving) reads the shards tensor by tensor."""
+    from conftest import make_tiny_hf, make_tiny_tokenizer
+
+    source = tmp_path / "source"
+    make_tiny_hf(family, layers=6, tie=False).save_pretrained(source, max_shard_size="20KB")
+    make_tiny_tokenizer().save_pretrained(source)
+    assert len(list(source.glob("*.safetensors"))) > 5
+    args = ["prune", "--model", str(source), "--calib", str(tiny_dir / "calib.txt"), "--calib-tokens", "1024",
+            "--seq-len", "32", "--batch-size", "4", "--ratio", "0.3", *extra]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "mem")]) == 0
+    assert main([*args, "--out", str(tmp_path / "off"), "--offload"]) == 0
+    _assert_same_model(tmp_path / "mem", tmp_path / "off")
+    for name in ("config.json", "generation_config.json", "modeling_prunext.py", "tokenizer.json"):
+        assert (tmp_path / "off" / name).read_bytes() == (tmp_path / "mem" / name).read_bytes(), name
+    report = json.loads((tmp_path / "off" / REPORT_FILE).read_text())
+    assert report["settings"]["offload"] is True
+
+
+def test_offload_refuses_fitted_output_norms(tiny_dir, tmp_path, capsys):
+    assert main(_args(tiny_dir, tmp_path / "out", "--ratio", "0.3", "--offload", "--out-norm-init", "fit")) == 2
+    assert "--out-norm-init fit runs the whole model forward" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration  # ~30 s each: two interpreters importing torch and transformers
+@pytest.mark.parametrize("extra", [[], ["--offload", "--kept-lora", "0.5"]], ids=["loaded", "offload-hybrid"])
+def test_two_processes_write_what_one_process_writes(tiny_dir, tmp_path, extra):
+    """Scoring windows, distance rows, factors and SVD starts are split over the ranks, then combined."""
+    assert main(_args(tiny_dir, tmp_path / "one", "--ratio", "0.25", *extra)) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_endpoint", "localhost:0",
-           "--rdzv_backend", "c10d", "-m", "prunext", *_args(tiny_dir, tmp_path / "two", "--ratio", "0.25")]  # fmt: skip
+           "--rdzv_backend", "c10d", "-m", "prunext", *_args(tiny_dir, tmp_path / "two", "--ratio", "0.25", *extra)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
