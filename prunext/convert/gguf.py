@@ -8,7 +8,15 @@ template) -> ``GGUFWriter``. transformers' GGUF loader reads the file back with 
 Families: Llama (SmolLM2, Llama 2/3) and Mistral, both as GGUF architecture ``llama`` (llama.cpp runs
 Mistral as Llama; transformers' GGUF loader has no Mistral name map, so it reads such a file as the
 equivalent Llama model; a sliding window is not carried, as llama.cpp's converter does not carry it),
-Qwen2 and Qwen3 (architectures ``qwen2``, ``qwen3``, no permutation, as llama.cpp's converter writes them).
+Qwen2 and Qwen3 (architectures ``qwen2``, ``qwen3``, no permutation, as llama.cpp's converter writes them),
+Phi-3 (``phi3``: the fused ``qkv_proj`` and ``gate_up_proj`` stay fused, as llama.cpp stores them),
+Gemma 2 and Gemma 3 (``gemma2``, ``gemma3``: every RMSNorm gain written as ``1 + w``, as llama.cpp's
+converter writes it and transformers' loader undoes it). A Gemma file carries its sliding window and
+softcaps, but no GGUF reader takes the sliding/full layer pattern, the query scale or the local rotary
+base from the file: both assume Gemma's own values (every 2nd layer full in Gemma 2, every 6th in
+Gemma 3; 256; 10,000). A model that differs (a Gemma with blocks dropped usually does) is refused.
+OLMo-2 is refused: the ``gguf`` package names it, but transformers cannot read such a file back, so the
+result could not be checked.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 
 from prunext.convert.hf import check_hf_expressible
 from prunext.core.checkpoint import stored_state_dict
+from prunext.core.families import FAMILIES
 from prunext.core.mapping import plan_to_hf
 from prunext.errors import UserError
 
@@ -32,21 +41,59 @@ GGUF_ARCH: dict[str, tuple[str, bool]] = {
     "mistral": ("llama", True),
     "qwen2": ("qwen2", False),
     "qwen3": ("qwen3", False),
+    "phi3": ("phi3", False),
+    "gemma2": ("gemma2", False),
+    "gemma3_text": ("gemma3", False),
 }
+#: Families the gguf package names but this writer refuses, and why.
+GGUF_REFUSED = {
+    "olmo2": "transformers' GGUF loader cannot read OLMo-2 files, so the result could not be checked",
+}
+#: What GGUF readers (llama.cpp, transformers) assume of a Gemma instead of reading it from the file.
+_GEMMA_ASSUMED = {
+    # llama.cpp scales queries by the head size, transformers' loader by 256: they agree at 256
+    "gemma2": {"full_every": 2, "query_pre_attn_scalar": 256, "head_dim": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "gemma3_text": {"full_every": 6, "query_pre_attn_scalar": 256, "head_dim": 256, "attn_logit_softcapping": None, "final_logit_softcapping": None},
+}
+#: Gemma 3's rotary base on sliding layers, which GGUF readers assume.
+_GEMMA3_LOCAL_ROPE_THETA = 10000.0
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def check_gguf_expressible(plan, model_type: str) -> None:
-    """Refuse (one line) a plan with output norms or a family the GGUF writer here cannot express."""
-    if plan.has_out_norm:
+    """Refuse (one line) a plan or a family the GGUF writer here cannot express.
+
+    Output norms are expressible where they replace the family's post-branch norms (Gemma).
+    """
+    if plan.has_out_norm and not (model_type in FAMILIES and FAMILIES[model_type].out_norm_replaces_post_norm):
         positions = [i for i, p in enumerate(plan.positions) if p.out_norm]
         raise UserError(
             f"--format gguf cannot express output feature normalization (positions {positions}); "
             "keep the native format, which loads with AutoModelForCausalLM (trust_remote_code=True, or after `import prunext`)"
         )
-    check_hf_expressible(plan)
+    check_hf_expressible(plan, model_type)
+    if model_type in GGUF_REFUSED:
+        raise UserError(f"--format gguf does not write model type '{model_type}': {GGUF_REFUSED[model_type]}; keep --format hf")
     if model_type not in GGUF_ARCH:
         raise UserError(f"--format gguf does not support model type '{model_type}'; supported: {', '.join(GGUF_ARCH)}")
+
+
+def check_gguf_config(config) -> None:
+    """Refuse (one line) a dense config whose Gemma settings GGUF readers would not reproduce (see the module docstring)."""
+    assumed = _GEMMA_ASSUMED.get(config.model_type)
+    if assumed is None:
+        return
+    every = assumed["full_every"]
+    pattern = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(config.num_hidden_layers)]
+    if list(config.layer_types) != pattern:
+        full = [i for i, t in enumerate(config.layer_types) if t == "full_attention"]
+        raise UserError(
+            f"--format gguf: this model's full-attention layers are {full}, but GGUF readers assume every {every}th "
+            f"layer of a {config.model_type} is full; keep --format hf"
+        )
+    for key in ("query_pre_attn_scalar", "head_dim", "attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, key, None) != assumed[key]:
+            raise UserError(f"--format gguf: this model's {key} is {getattr(config, key, None)}, but GGUF readers assume {assumed[key]}; keep --format hf")
 
 
 def check_gguf_out(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -73,8 +120,12 @@ def permute_qk(weight: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Tenso
     return weight.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def hf_to_gguf_tensors(state: dict[str, torch.Tensor], config, arch: str, permute: bool) -> dict[str, torch.Tensor]:
+def hf_to_gguf_tensors(
+    state: dict[str, torch.Tensor], config, arch: str, permute: bool, norm_offset: float = 0.0
+) -> dict[str, torch.Tensor]:
     """A dense HF state dict -> GGUF tensor names (``gguf.get_tensor_name_map``), q/k permuted if asked.
+
+    ``norm_offset``: added to every RMSNorm weight (Gemma's ``1 + w``: GGUF stores the gain itself).
 
     Raises:
         KeyError: a tensor the map does not know.
@@ -91,6 +142,8 @@ def hf_to_gguf_tensors(state: dict[str, torch.Tensor], config, arch: str, permut
         if permute and (".self_attn.q_proj." in key or ".self_attn.k_proj." in key):
             kv = config.num_attention_heads if ".q_proj." in key else config.num_key_value_heads
             tensor = permute_qk(tensor, config.num_attention_heads, kv)
+        if norm_offset and key.endswith("norm.weight"):
+            tensor = tensor.float() + norm_offset
         out[name] = tensor
     return out
 
@@ -190,8 +243,9 @@ def write_gguf(model, path: str | os.PathLike, tokenizer, dtype: str = "float32"
     meta = tokenizer_metadata(tokenizer, config.vocab_size)
     dense = config.base_config()
     _rope_theta(dense)  # refuse rope scaling before anything is written
+    check_gguf_config(dense)
     state = plan_to_hf(stored_state_dict(model), model.plan, model.config.base_config())
-    tensors = hf_to_gguf_tensors(state, dense, arch, permute)
+    tensors = hf_to_gguf_tensors(state, dense, arch, permute, FAMILIES[family].norm_offset)
     qtype = getattr(gguf.GGMLQuantizationType, DTYPES[dtype])
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +297,12 @@ def _write_metadata(writer, config, family: str, meta: dict, qtype) -> None:
     writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(_rope_theta(config)))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if family in _GEMMA_ASSUMED:  # what llama.cpp reads of a Gemma
+        writer.add_sliding_window(int(config.sliding_window))
+        for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+                         ("final_logit_softcapping", writer.add_final_logit_softcapping)):
+            if getattr(config, key, None) is not None:
+                add(float(getattr(config, key)))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                           "BF16": gguf.LlamaFileType.MOSTLY_BF16}[qtype.name])
@@ -265,6 +325,12 @@ def _write_metadata(writer, config, family: str, meta: dict, qtype) -> None:
 def _rope_theta(config) -> float:
     """The rotary base; refuses rope scaling, which this writer does not carry."""
     params = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" in params:  # Gemma 3: one set per attention kind
+        local = params.get("sliding_attention", {})
+        if local.get("rope_type", "default") != "default" or local.get("rope_theta") != _GEMMA3_LOCAL_ROPE_THETA:
+            raise UserError(f"--format gguf: GGUF readers assume a sliding-layer rotary base of {_GEMMA3_LOCAL_ROPE_THETA:g} "
+                            f"with no scaling, and this model has {local}; keep --format hf")
+        params = params["full_attention"]
     kind = params.get("rope_type", "default")
     if kind != "default":
         raise UserError(f"--format gguf does not carry rope scaling of type '{kind}'; keep --format hf")

@@ -129,14 +129,13 @@ def _run_checkpoint(args, ckpt_dir, tag_in_path) -> int:
 
 def _run_gguf(args) -> int:
     """A model with a dense form -> one GGUF file (:mod:`prunext.convert.gguf`), checked before loading."""
-    import json
     from pathlib import Path
 
     import torch
 
-    from prunext.convert.gguf import check_gguf_expressible, check_gguf_out, write_gguf
+    from prunext.convert.gguf import check_gguf_config, check_gguf_expressible, check_gguf_out, write_gguf
     from prunext.convert.zero import find_checkpoint_dir
-    from prunext.core.checkpoint import read_plan
+    from prunext.core.checkpoint import read_config, read_plan
     from prunext.core.loading import load_model, require_tokenizer
     from prunext.errors import UserError
 
@@ -148,9 +147,10 @@ def _run_gguf(args) -> int:
         raise UserError(f"--format gguf converts a model, and {args.source} is a training checkpoint; "
                         "convert it to a native folder first (prunext convert --from CKPT --to DIR)")
     plan = read_plan(args.source)
-    if plan is not None:
-        base_type = json.loads((Path(args.source) / "config.json").read_text()).get("base_model_type", "llama")
-        check_gguf_expressible(plan, base_type)
+    if plan is not None:  # a native folder: everything GGUF cannot carry is refused before loading
+        config = read_config(Path(args.source))
+        check_gguf_expressible(plan, config.base_model_type)
+        check_gguf_config(config.base_config())
     dtype = args.dtype or "float32"
     model, tokenizer = load_model(args.source, dtype=torch.float32)
     tokenizer = require_tokenizer(tokenizer, args.source)

@@ -124,3 +124,72 @@ def test_gguf_refuses_rope_scaling_and_overwrites_when_asked(tiny_hf, tiny_token
     assert main(["convert", "--from", str(tmp_path / "native"), "--to", str(tmp_path / "b.gguf"), "--format", "gguf", "--overwrite"]) == 0
     assert (tmp_path / "b.gguf").read_bytes()[:4] == b"GGUF"
     assert json.loads((tmp_path / "native" / "config.json").read_text())["model_type"] == "prunext"
+
+
+def _gemma(family: str, layers: int):
+    """A tiny Gemma as GGUF readers assume one: Gemma's own layer pattern, query scale 256 = head size, softcaps."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0} if family == "gemma2" else {}
+    config = AutoConfig.for_model(family, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                                  sliding_window=8, max_position_embeddings=256, **extra)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # norms start at 0 (Gemma's 1 + w): perturb them so the +1 on export is seen
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "family, plan",
+    [
+        ("phi3", Plan.identity(4)),
+        ("phi3", shortgpt_lora_plan()),  # fused qkv / gate_up: each part's adapter merged into its rows
+        ("gemma2", Plan.identity(4)),
+        # flexigpt on a sandwich family: replacements keep Gemma 2's sliding/full alternation, output norms become post norms
+        ("gemma2", Plan((Position(0), Position(1), Position(0, 3, LINEAR_NAMES, out_norm=True), Position(1, 3, LINEAR_NAMES, out_norm=True)), 4)),
+        ("gemma3_text", Plan.identity(6)),
+    ],
+    ids=["phi3", "phi3-shortgpt-lora", "gemma2", "gemma2-flexigpt", "gemma3"],
+)
+def test_gguf_round_trip_more_families(tiny_hf, tiny_tokenizer, tmp_path, family, plan):
+    hf = tiny_hf(family) if family == "phi3" else _gemma(family, plan.num_source_blocks)
+    model = build_from_hf(hf, plan)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "_out_norm" in name:
+                p.normal_(0, 0.3) if "lora_B" in name else p.add_(0.2)
+    save_native(model, tmp_path / "native", tokenizer=tiny_tokenizer)
+    out = tmp_path / "model.gguf"
+    assert main(["convert", "--from", str(tmp_path / "native"), "--to", str(out), "--format", "gguf", "--verify"]) == 0
+    loaded, tokenizer = _load_gguf(out)
+    assert loaded.config.model_type == family and len(loaded.model.layers) == len(plan)
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))  # longer than the sliding window
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model.eval()(x).logits, rtol=1e-5, atol=1e-5)
+    assert tokenizer(SENTENCES[0]).input_ids == tiny_tokenizer(SENTENCES[0]).input_ids
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("gemma2-dropped", "full-attention layers are [1, 2], but GGUF readers assume every 2th layer of a gemma2 is full"),
+        ("gemma2-scale", "query_pre_attn_scalar is 8, but GGUF readers assume 256"),
+        ("olmo2", "does not write model type 'olmo2': transformers' GGUF loader cannot read OLMo-2 files"),
+    ],
+)
+def test_gguf_refuses_what_readers_would_misread(tiny_hf, tiny_tokenizer, tmp_path, capsys, case, message):
+    if case == "gemma2-dropped":  # block 2 dropped: S F F, not Gemma 2's alternation
+        model = build_from_hf(_gemma("gemma2", 4), Plan((Position(0), Position(1), Position(3)), 4))
+    elif case == "gemma2-scale":
+        model = build_from_hf(tiny_hf("gemma2"), Plan.identity(4))  # conftest's tiny Gemma 2: query scale 8
+    else:
+        model = build_from_hf(tiny_hf("olmo2"), Plan.identity(4))
+    save_native(model, tmp_path / "native", tokenizer=tiny_tokenizer)
+    assert main(["convert", "--from", str(tmp_path / "native"), "--to", str(tmp_path / "m.gguf"), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1], err
+    assert not (tmp_path / "m.gguf").exists()
