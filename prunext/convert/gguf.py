@@ -2,8 +2,8 @@
 
 Flow: plan -> dense HF state dict (:func:`prunext.core.mapping.plan_to_hf`, adapters merged, one block
 per position) -> GGUF tensor names from ``gguf.get_tensor_name_map`` -> q/k rows permuted where
-llama.cpp's Llama layout expects it -> metadata (hyperparameters, byte-level BPE tokenizer, chat
-template) -> ``GGUFWriter``. transformers' GGUF loader reads the file back with the same logits.
+llama.cpp's Llama layout expects it -> metadata (hyperparameters, BPE tokenizer: byte-level or
+sentencepiece-style, chat template) -> ``GGUFWriter``. transformers' GGUF loader reads the file back with the same logits.
 
 Families: Llama (SmolLM2, Llama 2/3) and Mistral, both as GGUF architecture ``llama`` (llama.cpp runs
 Mistral as Llama; transformers' GGUF loader has no Mistral name map, so it reads such a file as the
@@ -150,46 +150,68 @@ def hf_to_gguf_tensors(
 
 # ------------------------------------------------------------------ tokenizer
 def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
-    """What GGUF stores of a byte-level BPE tokenizer (GPT-2 style: SmolLM2, Llama 3, Qwen2).
+    """What GGUF stores of a BPE tokenizer: byte-level (GPT-2 style: SmolLM2, Llama 3, Qwen2; GGUF model
+    ``gpt2``) or sentencepiece-style with byte fallback (Llama 2, Mistral v0.1, Gemma, Phi-3; GGUF model
+    ``llama``).
 
-    Returns a dict with ``tokens`` (by id, padded to ``vocab_size``), ``token_types``,
-    ``merges``, ``pre``, special token ids and BOS/EOS flags, and the chat template.
+    Returns a dict with ``model``, ``tokens`` (by id, padded to ``vocab_size``), ``token_types``,
+    ``merges``, ``scores`` and ``add_space_prefix`` (sentencepiece-style), ``pre`` (byte-level), special
+    token ids and BOS/EOS flags, and the chat template.
 
     Raises:
-        UserError: a tokenizer that is not byte-level BPE, or larger than the vocabulary.
+        UserError: another kind of tokenizer, or one larger than the vocabulary.
     """
     import gguf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise UserError("--format gguf embeds a fast (tokenizer.json) byte-level BPE tokenizer; this model's tokenizer is not one")
+        raise UserError("--format gguf embeds a fast (tokenizer.json) BPE tokenizer; this model's tokenizer is not one")
     spec = json.loads(backend.to_str())
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(pre):
+    model, pre, norm = spec.get("model") or {}, spec.get("pre_tokenizer") or {}, spec.get("normalizer") or {}
+    byte_level = model.get("type") == "BPE" and "ByteLevel" in json.dumps(pre)
+    sentencepiece = model.get("type") == "BPE" and bool(model.get("byte_fallback")) and not byte_level
+    if not (byte_level or sentencepiece):
         raise UserError(
-            f"--format gguf embeds byte-level BPE tokenizers (GPT-2 style), and this one is {model.get('type')} "
-            f"with pre-tokenizer {pre.get('type')}; keep --format hf or native"
+            f"--format gguf embeds BPE tokenizers, byte-level (GPT-2 style) or sentencepiece-style with byte fallback, "
+            f"and this one is {model.get('type')} with pre-tokenizer {pre.get('type')}; keep --format hf or native"
         )
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise UserError(f"the tokenizer has ids up to {max(vocab.values())}, beyond the model's vocabulary of {vocab_size}")
     by_id = {i: t for t, i in vocab.items()}
     special = set(tokenizer.all_special_ids) | {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-    tokens, types = [], []
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    # sentencepiece-style: llama.cpp merges the pair whose result scores highest, so a token scores
+    # minus the rank of the merge that makes it (the merges' own order)
+    made_at = {m.replace(" ", "", 1): rank for rank, m in enumerate(merges)}
+    tokens, types, scores = [], [], []
     for i in range(vocab_size):
-        if i in by_id:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
-        else:  # an embedding row no token uses (vocabularies padded to a multiple)
+        token = by_id.get(i)
+        if token is None:  # an embedding row no token uses (vocabularies padded to a multiple)
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        elif i == tokenizer.unk_token_id and sentencepiece:
+            tokens.append(token)
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i in special:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL)
+        elif sentencepiece and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            tokens.append(token)
+            types.append(gguf.TokenType.BYTE)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+        scores.append(-float(made_at.get(tokens[-1], 0)) if types[-1] == gguf.TokenType.NORMAL else -1000.0)
     probe = tokenizer("a").input_ids
     meta = {
+        "model": "gpt2" if byte_level else "llama",
         "tokens": tokens,
         "token_types": types,
         "merges": merges,
-        "pre": _pre_tokenizer_name(pre),
+        "scores": scores if sentencepiece else None,
+        "pre": _pre_tokenizer_name(pre) if byte_level else None,
+        "add_space_prefix": _adds_space_prefix(pre, norm) if sentencepiece else None,
         "add_bos": tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id],
         "add_eos": tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id],
         "chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
@@ -197,6 +219,14 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     for name in ("bos", "eos", "unk", "pad"):
         meta[f"{name}_id"] = getattr(tokenizer, f"{name}_token_id")
     return meta
+
+
+def _adds_space_prefix(pre: dict, norm: dict) -> bool:
+    """Whether a sentencepiece-style tokenizer puts "▁" before the text (Llama 2's dummy prefix; Gemma's has none)."""
+    parts = [pre, *pre.get("pretokenizers", [])]
+    if any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never" for p in parts):
+        return True
+    return any(n.get("type") == "Prepend" for n in [norm, *norm.get("normalizers", [])])
 
 
 def _pre_tokenizer_name(pre: dict) -> str:
@@ -223,7 +253,7 @@ def write_gguf(model, path: str | os.PathLike, tokenizer, dtype: str = "float32"
     Args:
         model: a :class:`~prunext.core.model.PrunextForCausalLM` whose plan has no output norms.
         path: the ``.gguf`` file to write.
-        tokenizer: the model's (byte-level BPE) tokenizer, embedded with its chat template.
+        tokenizer: the model's BPE tokenizer (:func:`tokenizer_metadata`), embedded with its chat template.
         dtype: ``float32``, ``float16`` or ``bfloat16`` for the matrices (norms stay float32, as llama.cpp writes them).
         overwrite: replace an existing file.
 
@@ -306,10 +336,14 @@ def _write_metadata(writer, config, family: str, meta: dict, qtype) -> None:
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                           "BF16": gguf.LlamaFileType.MOSTLY_BF16}[qtype.name])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(meta["pre"])
+    writer.add_tokenizer_model(meta["model"])
+    if meta["pre"] is not None:
+        writer.add_tokenizer_pre(meta["pre"])
     writer.add_token_list(meta["tokens"])
     writer.add_token_types(meta["token_types"])
+    if meta["scores"] is not None:
+        writer.add_token_scores(meta["scores"])
+        writer.add_add_space_prefix(meta["add_space_prefix"])
     if meta["merges"]:
         writer.add_token_merges(meta["merges"])
     for name, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),

@@ -193,3 +193,44 @@ def test_gguf_refuses_what_readers_would_misread(tiny_hf, tiny_tokenizer, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1], err
     assert not (tmp_path / "m.gguf").exists()
+
+
+def _sentencepiece_tokenizer(style: str):
+    """A sentencepiece-style BPE tokenizer (byte fallback, "▁" for spaces) trained offline, as transformers builds
+    Llama 2's (``llama``: a "▁" before the text) or Gemma's (``gemma``: none) from a vocabulary and merges."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    specials = ["<unk>", "<s>", "</s>"] if style == "llama" else ["<pad>", "<eos>", "<bos>", "<unk>"]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials + [f"<0x{b:02X}>" for b in range(256)])
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if style == "llama" else "never")
+    tok.train_from_iterator(SENTENCES * 20, trainer)
+    spec = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    if style == "llama":
+        # a padding token, as Phi-3's has (transformers' own Phi-3 default, 32000, lies outside a tiny vocabulary)
+        return LlamaTokenizer(vocab=spec["vocab"], merges=merges, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>")
+    return GemmaTokenizer(vocab=spec["vocab"], merges=merges)
+
+
+@pytest.mark.parametrize("family, style", [("llama", "llama"), ("phi3", "llama"), ("gemma2", "gemma")])
+def test_gguf_sentencepiece_tokenizers_round_trip(tiny_hf, tmp_path, family, style):
+    """Llama 2 / Phi-3 / Gemma style vocabularies: tokens, scores, byte tokens and the space prefix survive."""
+    tokenizer = _sentencepiece_tokenizer(style)
+    if family == "gemma2":
+        hf = _gemma("gemma2", 4)
+        hf.resize_token_embeddings(len(tokenizer))  # Gemma's tokenizer adds <mask> after the trained vocabulary
+    else:
+        hf = tiny_hf(family, vocab=320)
+    model = build_from_hf(hf, Plan.identity(4))
+    save_native(model, tmp_path / "native", tokenizer=tokenizer)
+    out = tmp_path / "model.gguf"
+    assert main(["convert", "--from", str(tmp_path / "native"), "--to", str(out), "--format", "gguf"]) == 0
+    loaded, back = _load_gguf(out)
+    for text in [*SENTENCES, "The fox: naïve café ünïcode", "a  b"]:  # unseen characters go through byte tokens
+        assert back(text).input_ids == tokenizer(text).input_ids, text
+        assert back.decode(back(text).input_ids, skip_special_tokens=True) == tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True)
+    x = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model.eval()(x).logits, rtol=1e-5, atol=1e-5)
