@@ -41,8 +41,9 @@ from prunext.core.model import CACHE_ARG
 from prunext.core.plan import Plan
 from prunext.errors import UserError
 
-#: Draft tokens per round when none is given; chosen by measurement (BENCHMARKS.md, "Inference").
-DEFAULT_DRAFT_TOKENS = 4
+#: Draft tokens per round when none is given: the fastest K for prunext's default model at 30% and 40% in the
+#: full inference benchmark (BENCHMARKS.md, "Inference"; K = 4 was slower than plain decoding at 40%).
+DEFAULT_DRAFT_TOKENS = 2
 
 
 # ------------------------------------------------------------------ which positions the draft skips
