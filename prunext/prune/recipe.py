@@ -71,7 +71,7 @@ models larger than memory: --offload never loads the model. Scoring runs one blo
 
 speed: the distances and SVD init are many small float64 eigendecompositions on --device;
   on a CPU shared with other jobs, OMP_NUM_THREADS=1 or OMP_WAIT_POLICY=PASSIVE keeps OpenMP
-  from spin-waiting (several times faster there). --svd-solver randomized is 2-3x faster
+  from spin-waiting (several times faster there). --svd-solver randomized is 1.8-3x faster
   (float32, randomized) but may pick differently where two kept blocks are within ~1% (1
   of 11 picks on SmolLM2-135M at 30%). Under torchrun the scoring windows, the distance
   rows and the SVD starts are split over the ranks; every rank ends with the same result.
