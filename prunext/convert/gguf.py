@@ -188,21 +188,18 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     for i in range(vocab_size):
         token = by_id.get(i)
         if token is None:  # an embedding row no token uses (vocabularies padded to a multiple)
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
+            kind = gguf.TokenType.UNUSED
         elif i == tokenizer.unk_token_id and sentencepiece:
-            tokens.append(token)
-            types.append(gguf.TokenType.UNKNOWN)
+            kind = gguf.TokenType.UNKNOWN
         elif i in special:
-            tokens.append(token)
-            types.append(gguf.TokenType.CONTROL)
+            kind = gguf.TokenType.CONTROL
         elif sentencepiece and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            tokens.append(token)
-            types.append(gguf.TokenType.BYTE)
+            kind = gguf.TokenType.BYTE
         else:
-            tokens.append(token)
-            types.append(gguf.TokenType.NORMAL)
-        scores.append(-float(made_at.get(tokens[-1], 0)) if types[-1] == gguf.TokenType.NORMAL else -1000.0)
+            kind = gguf.TokenType.NORMAL
+        tokens.append(f"[PAD{i}]" if token is None else token)
+        types.append(kind)
+        scores.append(-float(made_at.get(token, 0)) if kind == gguf.TokenType.NORMAL else -1000.0)
     probe = tokenizer("a").input_ids
     meta = {
         "model": "gpt2" if byte_level else "llama",

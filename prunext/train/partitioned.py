@@ -151,9 +151,7 @@ def check_shapes(folder: Path, files: dict[str, str], params: dict[str, torch.Te
 
 def load_for_zero3(spec: str, ds_config: dict, dtype: torch.dtype):
     """:func:`load_partitioned`, or for a GGUF file the whole model on every rank (with a warning); ``(model, tokenizer)``."""
-    from prunext.core.loading import load_model
-
-    from prunext.core.loading import local_folder
+    from prunext.core.loading import load_model, local_folder
 
     folder = local_folder(spec)
     if folder is None:
