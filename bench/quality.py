@@ -61,6 +61,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="healing loss of every method (prunext train --loss). Default: each as it is run - "
                    "prunext's default flexigpt with train's default (auto: lm+kd), the others with lm as their authors")
     p.add_argument("--lr-all", type=float, help="peak lr of --trainable all runs (streamline; default: prunext train's, 1e-4)")
+    p.add_argument("--prune-args", default="", help="extra flags for every flexigpt prune, e.g. \"--reconstruct-epochs 2\" "
+                   "(needs --label: the pruned models then sit under the label's own folder)")
+    p.add_argument("--train-args", default="", help="extra flags for every healing run, e.g. \"--kd-temperature 2\" (default none)")
     p.add_argument("--label", default="", help="name of this healing recipe: its runs sit beside other labels' in one --out, "
                    "sharing the pruned models (default: none)")
     p.add_argument("--seed", type=int, default=0, help="prune and train seed (default 0)")
@@ -182,6 +186,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit("quality.py: error: every ratio must be in (0, 1)")
     if not all(c.isalnum() or c in "._+-" for c in args.label):
         raise SystemExit(f"quality.py: error: --label {args.label!r} may hold letters, digits and . _ + - only")
+    if args.prune_args and not args.label:
+        raise SystemExit("quality.py: error: --prune-args changes the pruned models; give it a --label")
+    args.prune_extra, args.train_extra = shlex.split(args.prune_args), shlex.split(args.train_args)
     args.budget_list = sorted({parse_tokens(b) for b in args.budgets.split(",")})
     for name in ("calib_tokens", "seq_len", "eval_tokens", "limit", "nproc", "micro_batch"):
         if getattr(args, name) < 1:
@@ -289,6 +296,9 @@ def main() -> int:
             if method == "flexigpt" and args.out_norm_init is not None and not any(f.startswith("--out-norm") for f in flags):
                 flags = [*flags, "--out-norm-init", str(args.out_norm_init)]
                 run_dir = run_dir.with_name(f"{name}-init{args.out_norm_init:g}")  # its own pruned model
+            if method == "flexigpt" and args.prune_extra:
+                flags = [*flags, *args.prune_extra]
+                run_dir = run_dir.with_name(f"{run_dir.name}-{args.label}")  # its own pruned model
             pruned = run_dir / "pruned"
             prune_cmd = ["prune", "--model", args.model, "--ratio", str(ratio), "--method", method, *flags,
                          "--calib", TRAIN_DATA, "--calib-tokens", str(args.calib_tokens), "--seq-len", str(args.seq_len),
@@ -324,7 +334,7 @@ def main() -> int:
                              *(["--norm-open", str(args.norm_open)] if args.norm_open is not None and has_norms else []),
                              *(["--norm-open-factor", str(args.norm_open_factor)]
                                if args.norm_open_factor is not None and args.norm_open is not None and has_norms else []),
-                             "--loss", args.loss or ("auto" if name in DEFAULT_RECIPE else "lm"),
+                             "--loss", args.loss or ("auto" if name in DEFAULT_RECIPE else "lm"), *args.train_extra,
                              "--out", str(heal / "run"), "--overwrite"]  # fmt: skip
                 key = {"train": train_cmd, "nproc": args.nproc, "prune": pr["command"], "device": args.device}
 
@@ -340,7 +350,7 @@ def main() -> int:
             results.setdefault(f"{ratio:g}", {})[name] = entry
 
     info = {"machine": machine(args.device), "commit": commit(), "date": datetime.date.today().isoformat(),
-            "settings": {k: v for k, v in vars(args).items() if k not in ("ratio_list", "budget_list", "method_list")},
+            "settings": {k: v for k, v in vars(args).items() if k not in ("ratio_list", "budget_list", "method_list", "prune_extra", "train_extra")},
             "ratios": args.ratio_list, "budgets": args.budget_list, "methods": args.method_list,
             "wall_s": round(time.perf_counter() - started, 1), "stages_s": round(stage_seconds(results), 1)}  # fmt: skip
     suffix = f"-{args.label}" if args.label else ""
