@@ -311,9 +311,11 @@ def main() -> int:
                 if code:
                     raise SystemExit(f"quality.py: prunext {' '.join(cmd)} failed ({code}); see {run_dir / 'prune.log'}")
                 report = json.loads((pruned / "prune_report.json").read_text())
+                rebuilt = report.get("reconstruction")  # its token passes come out of every healing budget
                 return {"command": "prunext " + " ".join(cmd), "decision": {k: report["decision"][k] for k in
                         ("pruned", "kept", "sources", "window", "trainable_positions")},
-                        "params": report["params"]}  # fmt: skip
+                        "params": report["params"], "timings_s": report.get("timings_s", {}),
+                        "reconstruction": {k: v for k, v in rebuilt.items() if k != "positions"} if rebuilt else None}  # fmt: skip
 
             say(f"{ratio:.0%} {name}: pruning")
             pr = stage(run_dir / "prune", {"cmd": prune_cmd}, do_prune, needs=pruned / "config.json")
@@ -325,7 +327,11 @@ def main() -> int:
             for budget in args.budget_list if trainable else []:
                 heal = run_dir / (f"heal-{budget}" + (f"-{args.label}" if args.label else ""))
                 lr = args.lr if trainable != "all" else args.lr_all
-                train_cmd = ["train", "--model", str(pruned), "--data", TRAIN_DATA, "--tokens", str(budget),
+                spent = (pr.get("reconstruction") or {}).get("token_passes", 0)
+                if spent >= budget:
+                    raise SystemExit(f"quality.py: error: the reconstruction of {name} spends {spent:,} tokens, "
+                                     f"more than the budget {budget:,}; give a larger budget or fewer --reconstruct-epochs")  # fmt: skip
+                train_cmd = ["train", "--model", str(pruned), "--data", TRAIN_DATA, "--tokens", str(budget - spent),
                              "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--trainable", trainable,
                              "--seed", str(args.seed), "--save-every", "1000000000", "--log-every", "1",
                              *(["--lr", str(lr)] if lr is not None else []),

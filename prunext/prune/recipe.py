@@ -21,6 +21,8 @@ import time
 from prunext.core.model import DEFAULT_OUT_NORM_INIT
 from prunext.errors import UserError
 from prunext.prune.ratio import METHODS
+from prunext.prune.reconstruct import DEFAULT_LR as RECONSTRUCT_LR
+from prunext.prune.reconstruct import DEFAULT_TOKENS as RECONSTRUCT_TOKENS
 from prunext.prune.replace import SOLVERS
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 #: Flags that only flexigpt uses (the ablation switches and its replacement parts).
 #: ``--kept-lora`` default: the hybrid healed faster than pure replacement at every measured budget (BENCHMARKS.md).
 DEFAULT_KEPT_LORA = 0.5
+#: Methods whose adapters ``--reconstruct-epochs`` fits, and its default there (0 = off).
+RECONSTRUCTS = ("flexigpt", "shortgpt-lora")
+DEFAULT_RECONSTRUCT_EPOCHS = 0
 FLEXIGPT_ONLY = ("filter_rank", "out_norm", "out_norm_init", "no_filter", "no_svd_init", "kept_lora", "svd_solver")
 
 
@@ -124,6 +129,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="flexigpt: how the matching and SVD start compute top singular vectors: exact (float64, default) or "
         "randomized (float32 torch.svd_lowrank on --device; faster for large weights on a GPU)",
     )
+    parser.add_argument(
+        "--reconstruct-epochs", type=int, default=None, metavar="E",
+        help="flexigpt, shortgpt-lora: after building, fit each position's adapters and output norms to the source "
+        "model's state at the same depth, position by position, E passes over --reconstruct-tokens (default 0: off)",
+    )
+    parser.add_argument(
+        "--reconstruct-tokens", type=int, default=None, metavar="N",
+        help=f"calibration tokens the reconstruction fits on, the first of --calib-tokens (default {RECONSTRUCT_TOKENS})",
+    )
+    parser.add_argument("--reconstruct-lr", type=float, default=None, help=f"peak Adam lr of the reconstruction (default {RECONSTRUCT_LR:g})")
     parser.add_argument("--seed", type=int, default=0, help="seed for adapter A matrices that are not SVD-initialised (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -167,6 +182,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--out-norm-init {args.out_norm_init} must be a finite number >= 0 (small, e.g. {DEFAULT_OUT_NORM_INIT:g})")
     if args.kept_lora is not None and not (math.isfinite(args.kept_lora) and 0 <= args.kept_lora < 1):
         raise UserError(f"--kept-lora {args.kept_lora} must be in [0, 1): the fraction of adapter rank moved to kept blocks")
+    _check_reconstruct(args)
     if args.kept_lora is None:
         args.kept_lora = DEFAULT_KEPT_LORA if args.method == "flexigpt" else 0.0
     args.out_norm = args.out_norm or "layernorm"
@@ -174,6 +190,28 @@ def check_args(args: argparse.Namespace) -> None:
     args.no_svd_init = bool(args.no_svd_init)
     args.svd_solver = args.svd_solver or "exact"
     check_out_dir(args.out, args.overwrite)
+
+
+def _check_reconstruct(args: argparse.Namespace) -> None:
+    """``--reconstruct-*``: refused where there is nothing to fit or no model in memory; fills the defaults."""
+    given = args.reconstruct_tokens is not None or args.reconstruct_lr is not None
+    if args.reconstruct_epochs is None:
+        if given:
+            raise UserError("--reconstruct-tokens and --reconstruct-lr need --reconstruct-epochs E (E >= 1)")
+        args.reconstruct_epochs = DEFAULT_RECONSTRUCT_EPOCHS if args.method in RECONSTRUCTS else 0
+    if args.reconstruct_epochs < 0:
+        raise UserError(f"--reconstruct-epochs {args.reconstruct_epochs} must be 0 (off) or more")
+    if args.reconstruct_epochs and args.method not in RECONSTRUCTS:
+        raise UserError(f"--reconstruct-epochs fits adapters, which {args.method} does not add; use flexigpt or shortgpt-lora")
+    if args.reconstruct_epochs and args.offload:
+        raise UserError("--reconstruct-epochs runs the whole model, which --offload avoids; "
+                        "add --reconstruct-epochs 0 or drop --offload")  # fmt: skip
+    args.reconstruct_tokens = RECONSTRUCT_TOKENS if args.reconstruct_tokens is None else args.reconstruct_tokens
+    args.reconstruct_lr = RECONSTRUCT_LR if args.reconstruct_lr is None else args.reconstruct_lr
+    if args.reconstruct_epochs and args.reconstruct_tokens < args.seq_len:
+        raise UserError(f"--reconstruct-tokens {args.reconstruct_tokens} is less than one window of --seq-len {args.seq_len}")
+    if not (math.isfinite(args.reconstruct_lr) and args.reconstruct_lr > 0):
+        raise UserError(f"--reconstruct-lr {args.reconstruct_lr} must be a positive number (e.g. {RECONSTRUCT_LR:g})")
 
 
 def _offload_folder(spec: str):
@@ -323,6 +361,9 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
         "svd_init": (not args.no_svd_init) if flexigpt else None,
         "kept_lora": args.kept_lora if flexigpt else None,
         "svd_solver": args.svd_solver if flexigpt else None,
+        "reconstruct_epochs": args.reconstruct_epochs or None,
+        "reconstruct_tokens": args.reconstruct_tokens if args.reconstruct_epochs else None,
+        "reconstruct_lr": args.reconstruct_lr if args.reconstruct_epochs else None,
         "calib": args.calib,
         "calib_tokens": args.calib_tokens,
         "seq_len": args.seq_len,
@@ -380,6 +421,14 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
         start = time.perf_counter()
         fitted = fit_out_norms(model, source, pruning.sources, calib, args.batch_size, device, progress=rank == 0)
         timings["fit_norms"] = time.perf_counter() - start
+    rebuilt = None
+    if args.reconstruct_epochs and rank == 0:  # only rank 0 writes: the others need not fit
+        from prunext.prune.reconstruct import reconstruct
+
+        use = calib[: max(1, args.reconstruct_tokens // calib.shape[1])]
+        rebuilt = reconstruct(model, source, use, args.reconstruct_epochs, args.reconstruct_lr, args.batch_size, device,
+                              seed=args.seed, progress=True)  # fmt: skip
+        timings["reconstruct"] = rebuilt["seconds"]
     params_after = methods.stored_params(model)
     if params_after != budget.total_params_after:
         raise RuntimeError(f"built model stores {params_after:,} parameters, the accounting says {budget.total_params_after:,}")
@@ -395,6 +444,8 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
             report.plot_distances(pruning, tmp / report.DISTANCE_PLOT)
         timings["build_save"] += time.perf_counter() - start
         built = report.build_report(settings, scores, budget, pruning, params_after, timings)
+        if rebuilt is not None:
+            built["reconstruction"] = rebuilt
         if fitted is not None:
             built["out_norm_fit"] = {str(i): {k: round(v, 6) for k, v in row.items()} for i, row in fitted.items()}
         report.write_report(tmp, built)

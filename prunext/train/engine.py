@@ -104,8 +104,12 @@ def start_engine(model, settings, ds_config: dict, budget):
     return engine
 
 
-def make_objective(settings, ds_config: dict, vocab_size: int):
-    """The ``--loss`` objective; for kd the teacher becomes a ZeRO-3 engine without an optimizer (None for lm)."""
+def make_objective(settings, ds_config: dict, vocab_size: int, plan=None):
+    """The ``--loss`` objective; for kd the teacher becomes a ZeRO-3 engine without an optimizer (None for lm).
+
+    ``plan``: the student's plan (None: a plain model), which says the teacher depth each position matches
+    for ``--hidden-weight``.
+    """
     if settings.loss == "lm":
         return None
     import deepspeed
@@ -125,7 +129,20 @@ def make_objective(settings, ds_config: dict, vocab_size: int):
     config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
     engine, _, _, _ = deepspeed.initialize(model=teacher.eval(), config=config)
     engine.eval()
-    return Objective(settings.loss, engine, settings.kd_weight, settings.kd_temperature)
+    targets = None
+    if settings.hidden_weight:
+        targets = _depth_targets(plan, teacher.config.num_hidden_layers, settings.teacher)
+    return Objective(settings.loss, engine, settings.kd_weight, settings.kd_temperature, settings.hidden_weight or 0.0, targets)
+
+
+def _depth_targets(plan, teacher_blocks: int, teacher: str) -> list[int]:
+    """Per student position, the teacher block at the same depth (``--hidden-weight``); refused when there is none."""
+    from prunext.prune.reconstruct import targets
+
+    if plan is None or plan.num_source_blocks != teacher_blocks:
+        raise UserError(f"--hidden-weight matches the model's positions to the blocks of the model it was pruned from; "
+                        f"--teacher {teacher} is not that model: drop --hidden-weight")  # fmt: skip
+    return targets(plan, "--hidden-weight")
 
 
 def resume_engine(engine, ckpt_dir: Path, state: dict, rank: int) -> int:

@@ -101,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="teacher for kd (default: the model --model was pruned or extended from, per its report)")
     opt.add_argument("--kd-weight", type=float, default=1.0, help="weight of the kd term in lm+kd (default 1)")
     opt.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature (default 1)")
+    opt.add_argument("--hidden-weight", type=float, default=0.0, metavar="W",
+                     help="with kd or lm+kd: add W x the mean relative squared error between each position's output and "
+                     "the teacher's state at the same depth (default 0: off)")
     opt.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="decay after warmup (default cosine)")
     opt.add_argument("--warmup", type=float, default=0.05, help="warmup steps, or a fraction of the steps when < 1 (default 0.05)")
     opt.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr for cosine/linear (default 0.1)")
@@ -178,7 +181,7 @@ def train(run: CheckedRun, rank: int, local_rank: int, world: int, cli: dict) ->
             norms = prepare(model, settings.norm_open_factor)
             facts["output_norms"] = len(norms)
         engine = start_engine(model, settings, run.ds_config, budget)
-        objective = make_objective(settings, run.ds_config, vocab)  # loads and checks the teacher
+        objective = make_objective(settings, run.ds_config, vocab, getattr(model, "plan", None))  # loads and checks the teacher
         memory_stages.mark("engines_started")
     except UserError:
         if rank == 0 and (run.out_created or options.overwrite):

@@ -25,10 +25,10 @@ RESUME_KEYS = (
     "model", "data", "seq_len", "micro_batch", "grad_accum", "world_size", "seed", "tokens",
     "trainable", "lr", "schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
     "norm_lr", "adapter_lr", "norm_warmup_steps", "adapter_warmup_steps", "loss", "teacher", "kd_weight", "kd_temperature",
-    "norm_open_steps", "norm_open_factor",
+    "norm_open_steps", "norm_open_factor", "hidden_weight",
 )
 #: RESUME_KEYS added after runs were made without them: a missing one means the option was off.
-NEW_KEYS = ("norm_open_steps", "norm_open_factor")
+NEW_KEYS = ("norm_open_steps", "norm_open_factor", "hidden_weight")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class TrainSettings:
     teacher: str | None
     kd_weight: float
     kd_temperature: float
+    hidden_weight: float | None
     norm_lr: float | None
     adapter_lr: float | None
     norm_warmup_steps: int | None
@@ -149,11 +150,15 @@ def resolve_teacher(args: argparse.Namespace) -> str | None:
     if args.loss == "lm":
         if args.teacher is not None:
             raise UserError("--teacher goes with --loss kd or lm+kd; with --loss lm it means nothing")
+        if args.hidden_weight:
+            raise UserError("--hidden-weight distils hidden states from a teacher; use it with --loss kd or lm+kd")
         return None
     for flag in ("kd_weight", "kd_temperature"):
         value = getattr(args, flag)
         if not (math.isfinite(value) and value > 0):
             raise UserError(f"--{flag.replace('_', '-')} {value} must be a positive number")
+    if not (math.isfinite(args.hidden_weight) and args.hidden_weight >= 0):
+        raise UserError(f"--hidden-weight {args.hidden_weight} must be a number >= 0 (0 = off)")
     return default_teacher(args.model, args.loss, args.teacher)
 
 
@@ -280,6 +285,7 @@ def check_args(args: argparse.Namespace, world: int) -> CheckedRun:
         teacher=teacher,
         kd_weight=args.kd_weight,
         kd_temperature=args.kd_temperature,
+        hidden_weight=args.hidden_weight or None,
         norm_lr=args.norm_lr,
         adapter_lr=args.adapter_lr,
         norm_warmup_steps=steps_or_none(args.norm_warmup),
