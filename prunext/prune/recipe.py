@@ -426,7 +426,7 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
         from prunext.prune.reconstruct import reconstruct
 
         use = calib[: max(1, args.reconstruct_tokens // calib.shape[1])]
-        rebuilt = reconstruct(model, source, use, args.reconstruct_epochs, args.reconstruct_lr, args.batch_size, device,
+        rebuilt = reconstruct(model, source, use, args.reconstruct_epochs, args.reconstruct_lr, device=device,
                               seed=args.seed, progress=True)  # fmt: skip
         timings["reconstruct"] = rebuilt["seconds"]
     params_after = methods.stored_params(model)

@@ -115,7 +115,7 @@ def _record(model, batches: list[torch.Tensor], keep: set[int] | None, device) -
     return calls, states
 
 
-def reconstruct(model, source, windows: torch.Tensor, epochs: int, lr: float = DEFAULT_LR, batch_size: int = 8,
+def reconstruct(model, source, windows: torch.Tensor, epochs: int, lr: float = DEFAULT_LR, batch_size: int = 1,
                 device: str | torch.device = "cpu", seed: int = 0, progress: bool = True) -> dict:  # fmt: skip
     """Fit every position's own parameters to the source model's states, position by position (module docstring).
 
@@ -125,7 +125,8 @@ def reconstruct(model, source, windows: torch.Tensor, epochs: int, lr: float = D
         windows: (n, seq_len) calibration token ids.
         epochs: passes over ``windows`` per position (>= 1).
         lr: peak Adam learning rate; it decays to 0 by a cosine over each position's steps.
-        batch_size: windows per step.
+        batch_size: windows per step (one by default: a few thousand tokens give only a few windows, and
+            each position needs steps more than large batches).
         device: where both models are.
         seed: order of the windows within each epoch.
         progress: show a progress bar over positions.
