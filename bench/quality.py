@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="healing loss of every method (prunext train --loss). Default: each as it is run - "
                    "prunext's default flexigpt with train's default (auto: lm+kd), the others with lm as their authors")
     p.add_argument("--lr-all", type=float, help="peak lr of --trainable all runs (streamline; default: prunext train's, 1e-4)")
-    p.add_argument("--prune-args", default="", help="extra flags for every flexigpt prune, e.g. \"--reconstruct-epochs 2\" "
+    p.add_argument("--prune-args", default="", help="extra flags for every prune, e.g. \"--reconstruct-epochs 2\" "
                    "(needs --label: the pruned models then sit under the label's own folder)")
     p.add_argument("--train-args", default="", help="extra flags for every healing run, e.g. \"--kd-temperature 2\" (default none)")
     p.add_argument("--label", default="", help="name of this healing recipe: its runs sit beside other labels' in one --out, "
@@ -296,7 +296,7 @@ def main() -> int:
             if method == "flexigpt" and args.out_norm_init is not None and not any(f.startswith("--out-norm") for f in flags):
                 flags = [*flags, "--out-norm-init", str(args.out_norm_init)]
                 run_dir = run_dir.with_name(f"{name}-init{args.out_norm_init:g}")  # its own pruned model
-            if method == "flexigpt" and args.prune_extra:
+            if args.prune_extra:
                 flags = [*flags, *args.prune_extra]
                 run_dir = run_dir.with_name(f"{run_dir.name}-{args.label}")  # its own pruned model
             pruned = run_dir / "pruned"

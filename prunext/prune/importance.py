@@ -48,9 +48,13 @@ from prunext.prune.collective import rank_and_world, sum_over_ranks
 log = logging.getLogger(__name__)
 
 METRICS = ("bi", "angular", "streamline")
+# ``prune --importance`` chooses how the per-block methods (flexigpt, shortgpt, shortgpt-lora) pick blocks:
+# ``bi``: one pass, ShortGPT's Block Influence; ``bi-iterative``: BI recomputed after each removal, on the
+# model with the blocks removed so far skipped (:func:`score_blocks_iterative`); ``ppl``: Shortened LLaMA's
+# one-shot criterion, the calibration LM loss with each block skipped in turn, lowest first (:func:`score_blocks_ppl`).
 
 #: For each metric, whether a LOW score means "remove first".
-_LOW_IS_REDUNDANT = {"bi": True, "angular": True, "streamline": False}
+_LOW_IS_REDUNDANT = {"bi": True, "angular": True, "streamline": False, "bi-iterative": True, "ppl": True}
 
 
 @dataclass
@@ -63,12 +67,15 @@ class BlockScores:
         scores: ``bi``: length L, ``scores[i]`` is block i's BI; ``angular``/``streamline``:
             length L - n + 1, ``scores[s]`` covers blocks ``s .. s+n-1``.
         tokens: calibration tokens seen, summed over all ranks.
+        order: ``bi-iterative``: the blocks in the order they were removed (each one's score is its BI
+            when it was removed); they rank first, in that order. None for the one-pass metrics.
     """
 
     metric: str
     window: int
     scores: list[float]
     tokens: int
+    order: list[int] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -82,7 +89,9 @@ class BlockScores:
         cosine. Ties go to the lower index (a stable sort).
         """
         sign = 1.0 if _LOW_IS_REDUNDANT[self.metric] else -1.0
-        return sorted(range(len(self.scores)), key=lambda i: sign * self.scores[i])
+        first = list(self.order or [])
+        rest = sorted((i for i in range(len(self.scores)) if i not in first), key=lambda i: sign * self.scores[i])
+        return first + rest
 
     def best_window(self) -> int:
         """Index of the most redundant score: the first block of the window to remove (for ``bi``, the block)."""
@@ -100,7 +109,9 @@ class BlockScores:
         """
         if not 0 <= k <= self.num_blocks:
             raise ValueError(f"cannot choose {k} of {self.num_blocks} blocks")
-        if self.metric == "bi":
+        if self.window == 1:
+            if self.order is not None and k > len(self.order):
+                raise ValueError(f"{self.metric} scores removed {len(self.order)} blocks one by one, not {k}; score again")
             return sorted(self.ranking()[:k])
         if k == 0:
             return []
@@ -114,6 +125,8 @@ class BlockScores:
     def to_dict(self) -> dict:
         """JSON-ready: the four fields plus ``remove_first`` ("lowest"/"highest") for readers of reports."""
         d = asdict(self)
+        if d["order"] is None:
+            del d["order"]
         d["remove_first"] = "lowest" if _LOW_IS_REDUNDANT[self.metric] else "highest"
         return d
 
@@ -276,6 +289,85 @@ def score_blocks(
     scores = sums.scores()
     log.info("%s scores of %d blocks (window %d) over %d tokens", metric, num_blocks, window, scores.tokens)
     return scores
+
+
+# --------------------------------------------------------------------------- other criteria
+def _skip(layer: nn.Module):
+    """Make ``layer`` return its input (the block removed) until the returned handle is removed."""
+
+    def hook(module, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        return (x, *out[1:]) if isinstance(out, (tuple, list)) else x
+
+    return layer.register_forward_hook(hook, with_kwargs=True)
+
+
+def score_blocks_iterative(model: nn.Module, windows: torch.LongTensor, count: int, batch_size: int = 8,
+                           device: str | torch.device = "cpu", progress: bool = True) -> BlockScores:  # fmt: skip
+    """``bi-iterative``: remove ``count`` blocks one at a time, each the lowest BI of the model without the earlier ones.
+
+    ``count`` passes over the calibration windows; a removed block is skipped (returns its input). The
+    result's ``order`` is the removal order; ``scores`` hold each removed block's BI when it went and the
+    others' BI in the last pass.
+    """
+    layers = model.model.layers
+    removed: list[int] = []
+    values = [0.0] * len(layers)
+    tokens = 0
+    handles = []
+    try:
+        for step in range(count):
+            scores = score_blocks(model, windows, "bi", 1, batch_size, device, progress=False)
+            tokens += scores.tokens
+            pick = min((i for i in range(len(layers)) if i not in removed), key=lambda i: scores.scores[i])
+            values = [values[i] if i in removed else scores.scores[i] for i in range(len(layers))]
+            removed.append(pick)
+            handles.append(_skip(layers[pick]))
+            if progress and rank_and_world()[0] == 0:
+                log.info("bi-iterative: removed block %d (BI %.4f), %d of %d", pick, scores.scores[pick], step + 1, count)
+    finally:
+        for h in handles:
+            h.remove()
+    if count == 0:
+        return score_blocks(model, windows, "bi", 1, batch_size, device, progress)
+    return BlockScores("bi-iterative", 1, values, tokens, order=removed)
+
+
+@torch.no_grad()
+def score_blocks_ppl(model: nn.Module, windows: torch.LongTensor, batch_size: int = 8,
+                     device: str | torch.device = "cpu", progress: bool = True) -> BlockScores:  # fmt: skip
+    """``ppl``: per block, the mean next-token loss on the calibration windows with that block skipped.
+
+    One forward pass of the whole model (LM head included) per block; under torchrun the windows are
+    split over the ranks and the sums all-reduced.
+    """
+    layers = model.model.layers
+    windows = _check_args("bi", 1, len(layers), windows, batch_size)
+    rank, world = rank_and_world()
+    local = windows[rank::world]
+    device = torch.device(device)
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    values = []
+    try:
+        for i in _progress(range(len(layers)), len(layers), "scoring blocks (ppl)", progress):
+            handle = _skip(layers[i])
+            try:
+                total = torch.zeros(2, dtype=torch.float64)
+                for s in range(0, local.shape[0], batch_size):
+                    batch = local[s : s + batch_size].to(device)
+                    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+                    total += torch.tensor([nll.item(), batch[:, 1:].numel()], dtype=torch.float64)
+            finally:
+                handle.remove()
+            total = sum_over_ranks(total)
+            values.append((total[0] / total[1]).item())
+    finally:
+        model.train(was_training)
+    log.info("ppl scores of %d blocks over %d tokens", len(layers), windows.numel())
+    return BlockScores("ppl", 1, values, int(windows.numel()))
 
 
 # --------------------------------------------------------------------------- offloaded

@@ -147,7 +147,7 @@ def decide(
     """
     method, L = budget.method, scores.num_blocks
     metric, window = metric_for(budget)
-    if (scores.metric, scores.window) != (metric, window):
+    if (scores.metric, scores.window) != (metric, window) and not (metric == "bi" and scores.window == 1):
         raise ValueError(f"{method} needs {metric} scores with window {window}, got {scores.metric} with {scores.window}")
     chosen = scores.least_important(budget.count)  # ascending
     span = (chosen[0], chosen[-1]) if metric != "bi" else None

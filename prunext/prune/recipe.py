@@ -88,6 +88,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_KEPT_LORA = 0.5
 #: Methods whose adapters ``--reconstruct-epochs`` fits, and its default there (0 = off).
 RECONSTRUCTS = ("flexigpt", "shortgpt-lora")
+#: ``--importance``: how the per-block methods choose blocks (:mod:`prunext.prune.importance`).
+CRITERIA = ("bi", "bi-iterative", "ppl")
+#: Methods that choose blocks one by one (``--importance``), and its default.
+PER_BLOCK = ("flexigpt", "shortgpt", "shortgpt-lora")
+DEFAULT_IMPORTANCE = "bi"
 DEFAULT_RECONSTRUCT_EPOCHS = 0
 FLEXIGPT_ONLY = ("filter_rank", "out_norm", "out_norm_init", "no_filter", "no_svd_init", "kept_lora", "svd_solver")
 
@@ -128,6 +133,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--svd-solver", choices=SOLVERS, default=None,
         help="flexigpt: how the matching and SVD start compute top singular vectors: exact (float64, default) or "
         "randomized (float32 torch.svd_lowrank on --device; faster for large weights on a GPU)",
+    )
+    parser.add_argument(
+        "--importance", choices=CRITERIA, default=None,
+        help=f"flexigpt, shortgpt, shortgpt-lora: how blocks are chosen: bi (one pass), bi-iterative (BI "
+        f"recomputed after each removal) or ppl (calibration loss with each block skipped; one pass per block) "
+        f"(default {DEFAULT_IMPORTANCE})",
     )
     parser.add_argument(
         "--reconstruct-epochs", type=int, default=None, metavar="E",
@@ -183,6 +194,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.kept_lora is not None and not (math.isfinite(args.kept_lora) and 0 <= args.kept_lora < 1):
         raise UserError(f"--kept-lora {args.kept_lora} must be in [0, 1): the fraction of adapter rank moved to kept blocks")
     _check_reconstruct(args)
+    if args.importance is not None and args.method not in PER_BLOCK:
+        raise UserError(f"--importance applies to {', '.join(PER_BLOCK)}; {args.method} scores windows of blocks")
+    args.importance = args.importance or DEFAULT_IMPORTANCE
+    if args.importance != "bi" and args.offload:
+        raise UserError(f"--importance {args.importance} runs the whole model, which --offload avoids; use --importance bi")
     if args.kept_lora is None:
         args.kept_lora = DEFAULT_KEPT_LORA if args.method == "flexigpt" else 0.0
     args.out_norm = args.out_norm or "layernorm"
@@ -318,7 +334,7 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
     from prunext.fsutil import atomic_dir
     from prunext.prune import methods, report
     from prunext.tables import format_table
-    from prunext.prune.importance import score_blocks, score_blocks_offloaded
+    from prunext.prune.importance import score_blocks, score_blocks_iterative, score_blocks_offloaded, score_blocks_ppl
     from prunext.prune.ratio import ModelSizes, plan_budget
 
     # setup
@@ -352,7 +368,7 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
         "ratio": args.ratio,
         "blocks": sizes.num_blocks,
         "hidden_size": sizes.hidden_size,
-        "metric": metric,
+        "metric": metric if args.method not in PER_BLOCK else args.importance,
         "window": window,
         "adapter_rank": budget.adapter_rank or None,
         "filter_rank": filter_rank if flexigpt else None,
@@ -384,6 +400,10 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
     start = time.perf_counter()
     if args.offload:
         scores = score_blocks_offloaded(str(folder), calib, metric, window, args.batch_size, device, dtype)
+    elif args.method in PER_BLOCK and args.importance == "ppl":
+        scores = score_blocks_ppl(source, calib, args.batch_size, device, progress=rank == 0)
+    elif args.method in PER_BLOCK and args.importance == "bi-iterative":
+        scores = score_blocks_iterative(source, calib, budget.count, args.batch_size, device, progress=rank == 0)
     else:
         scores = score_blocks(source, calib, metric, window, args.batch_size, device)
     timings["scoring"] = time.perf_counter() - start
