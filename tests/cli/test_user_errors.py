@@ -97,6 +97,14 @@ PRUNE = [
     (["--batch-size", "0"], "--batch-size 0 must be a positive integer"),
     (["--out", "{root}/a_file"], "is a file; give a folder path"),
     (["--model", "{root}/no_data", "--offload"], "--offload reads a model folder"),
+    (["--reconstruct-tokens", "512"], "--reconstruct-tokens and --reconstruct-lr need --reconstruct-epochs"),
+    (["--reconstruct-epochs", "-1"], "--reconstruct-epochs -1 must be 0 (off) or more"),
+    (["--reconstruct-epochs", "1", "--method", "shortgpt"], "which shortgpt does not add; use flexigpt or shortgpt-lora"),
+    (["--reconstruct-epochs", "1", "--offload"], "--reconstruct-epochs runs the whole model, which --offload avoids"),
+    (["--reconstruct-epochs", "1", "--reconstruct-lr", "0"], "--reconstruct-lr 0.0 must be a positive number"),
+    (["--reconstruct-epochs", "1", "--reconstruct-tokens", "8"], "--reconstruct-tokens 8 is less than one window"),
+    (["--importance", "ppl", "--method", "angular"], "--importance applies to flexigpt, shortgpt, shortgpt-lora"),
+    (["--importance", "bi-iterative", "--offload"], "--importance bi-iterative runs the whole model"),
 ]
 
 
@@ -122,6 +130,8 @@ TRAIN = [
     (["--data", "{root}/empty.txt"], "is empty"),
     (["--data", "builtin:wiki:dev"], "unknown built-in data"),
     (["--eval-every", "1", "--eval-data", "{root}/empty.txt"], "is empty"),
+    (["--hidden-weight", "1", "--loss", "lm"], "--hidden-weight distils hidden states from a teacher"),
+    (["--hidden-weight", "-1", "--loss", "kd", "--teacher", "{root}/native"], "--hidden-weight -1.0 must be a number >= 0"),
 ]
 
 

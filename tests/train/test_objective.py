@@ -78,5 +78,46 @@ def test_kd_teacher_defaults_to_the_model_named_in_the_prune_report(tmp_path):
     model = tiny.build_tiny_pruned(tmp_path / "model")
     (tmp_path / "source").mkdir()
     (model / "prune_report.json").write_text(json.dumps({"settings": {"model": str(tmp_path / "source")}}))
-    args = argparse.Namespace(model=str(model), loss="lm+kd", teacher=None, kd_weight=1.0, kd_temperature=1.0)
+    args = argparse.Namespace(model=str(model), loss="lm+kd", teacher=None, kd_weight=1.0, kd_temperature=1.0, hidden_weight=0.0)
     assert resolve_teacher(args) == str(tmp_path / "source")
+
+
+def test_hidden_term_equals_hand_computed_relative_error(tiny_hf):
+    from prunext.train.objective import hidden_loss
+
+    student = build_from_hf(tiny_hf(layers=4, seed=0), tiny.tiny_plan(), out_norm_init=0.1).eval()
+    teacher = build_from_hf(tiny_hf(layers=4, seed=1), Plan.identity(4)).eval()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss, parts = Objective("lm+kd", teacher, hidden_weight=0.5, targets=[0, 1, 2, 3])(student, ids)
+        s = student(input_ids=ids, output_hidden_states=True).hidden_states
+        t = teacher(input_ids=ids, output_hidden_states=True).hidden_states
+    want = sum(((s[p + 1][:, 1:] - t[p + 1][:, 1:]) ** 2).sum() / (t[p + 1][:, 1:] ** 2).sum() for p in range(4)) / 4
+    assert parts["hidden"] == pytest.approx(want.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(parts["lm"] + parts["kd"] + 0.5 * parts["hidden"], rel=1e-5)
+    # a model that drops blocks compares each position with the teacher's state before the next kept block
+    dropped = hidden_loss(s[:3], t, [1, 3])
+    manual = (((s[1][:, 1:] - t[2][:, 1:]) ** 2).sum() / (t[2][:, 1:] ** 2).sum()
+              + ((s[2][:, 1:] - t[4][:, 1:]) ** 2).sum() / (t[4][:, 1:] ** 2).sum()) / 2  # fmt: skip
+    assert dropped.item() == pytest.approx(manual.item(), rel=1e-6)
+    assert hidden_loss(t, t, [0, 1, 2, 3]).item() == 0.0
+    with pytest.raises(ValueError, match="needs a teacher and the depth targets"):
+        Objective("kd", teacher, hidden_weight=1.0)
+
+
+def test_hidden_term_runs_on_zero3_and_is_logged(tmp_path):
+    """--hidden-weight in a real ZeRO-3 run, the teacher being the model the tiny one was built from."""
+    from conftest import make_tiny_hf
+
+    model = tiny.build_tiny_pruned(tmp_path / "model")
+    make_tiny_hf("llama", layers=4, hidden=32, seed=0).save_pretrained(tmp_path / "teacher")
+    text, out = tiny.write_text(tmp_path / "text.txt"), tmp_path / "run"
+    args = tiny.train_args(model, text, out, "--tokens", "256", "--loss", "kd", "--teacher", tmp_path / "teacher",
+                           "--hidden-weight", "2", "--save-every", "0")  # fmt: skip
+    proc = tiny.run([sys.executable, "-m", "prunext", "train", *map(str, args)])
+    assert proc.returncode == 0, tiny.tail(proc)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["loss"] == pytest.approx(row["kd_loss"] + 2 * row["hidden_loss"], rel=1e-4)
+        assert 0 < row["hidden_loss"] < float("inf")  # positions 0 and 1 equal the teacher's; 2 and 3 differ
+    assert json.loads((out / "run_config.json").read_text())["settings"]["hidden_weight"] == 2.0
