@@ -418,6 +418,8 @@ def _rows(results: dict, ratio: float, budget: int, methods: list[str]) -> list[
             "removed": entry["prune"]["params"]["block_fraction"],
             "healed": healed is not None,
             "steps": healed["steps"] if healed else None,
+            "prune_s": entry["prune"].get("seconds"),
+            "heal_s": healed.get("train_seconds") if healed else None,
         })  # fmt: skip
     return rows
 
@@ -464,6 +466,8 @@ def render(info: dict, results: dict) -> str:
         + "".join(f", {flag} {s[key]}" for flag, key in (("--norm-lr", "norm_lr"), ("--adapter-lr", "adapter_lr"),
                   ("--norm-open", "norm_open"), ("--norm-open-factor", "norm_open_factor"),
                   ("--out-norm-init", "out_norm_init")) if s.get(key) is not None)
+        + "".join(f", {flag} `{s[key]}`" for flag, key in (("--prune-args", "prune_args"), ("--train-args", "train_args"))
+                  if s.get(key))
         + (f", loss {s['loss']} for every method." if s["loss"] else
            ", loss: lm for every method except prunext's default flexigpt (train's default, auto = lm+kd)."),
         f"Perplexity: `{EVAL_DATA}`, {s['eval_tokens'] // s['seq_len']} windows of {s['seq_len']} tokens. "
@@ -476,16 +480,18 @@ def render(info: dict, results: dict) -> str:
             lines += [
                 f"## Budget {budget:,} tokens, ratio {ratio:.0%}",
                 "",
-                "| method | ppl before healing | ppl after healing | zero-shot avg | trainable params | block params removed |",
-                "|---|---:|---:|---:|---:|---:|",
+                "| method | ppl before healing | ppl after healing | zero-shot avg | trainable params | block params removed "
+                "| prune s | heal s |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for r in rows:
                 after = f"{r['after']:.2f}" if r["after"] is not None else "n/a"
                 trainable = f"{r['trainable']:,}" if r["healed"] else "-"
                 if r["name"] == "streamline" and r["healed"]:
                     trainable += " (all)"
+                seconds = [f"{r[k]:.0f}" if r.get(k) is not None else "-" for k in ("prune_s", "heal_s")]
                 lines.append(f"| {LABELS.get(r['name'], r['name'])} | {r['before']:.2f} | {after} | {r['zs']:.3f} | "
-                             f"{trainable} | {r['removed']:.1%} |")  # fmt: skip
+                             f"{trainable} | {r['removed']:.1%} | {seconds[0]} | {seconds[1]} |")  # fmt: skip
             steps = {r["steps"] for r in rows if r.get("steps")}
             if steps:
                 lines += ["", f"Healing steps: {', '.join(map(str, sorted(steps)))}."]
@@ -496,7 +502,9 @@ def render(info: dict, results: dict) -> str:
     lines += [
         "Notes: shortgpt and angular have nothing to train (n/a after healing; zero-shot of the pruned model). "
         "streamline heals with `--trainable all` (prunext train cannot train one position only), so it trains "
-        "far more parameters than the adapter methods. Block params removed is the net fraction, adapters counted.",
+        "far more parameters than the adapter methods. Block params removed is the net fraction, adapters counted. "
+        "prune s: pruning time (a reconstruction included; its token passes come out of the healing budget); "
+        "heal s: the healing run.",
         "",
     ]
     return "\n".join(lines)
