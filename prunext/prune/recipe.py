@@ -52,6 +52,16 @@ methods (L blocks; r = --ratio; see docs/method.md "The prune path"):
                  initialised from the window's first block, to be trained (LLM-Streamline).
   angular        drop the n-block window with the lowest angular distance (Gromov et al. 2024).
 
+which blocks (flexigpt, shortgpt, shortgpt-lora; --importance): bi, ShortGPT's Block Influence
+  (one pass); bi-iterative, BI recomputed after each removal (one pass per pruned block);
+  ppl, Shortened LLaMA's calibration loss with each block skipped (one pass per block).
+
+local reconstruction (--reconstruct-epochs E, flexigpt and shortgpt-lora): after building,
+  each position's adapters and output norms are fitted, position by position, so that its
+  output matches the source's state at the same depth on the pruned model's own inputs
+  (no backward through the whole model). It costs about --reconstruct-tokens x (E + 1)
+  healing tokens, reported in prune_report.json.
+
 how many blocks: --ratio is the NET fraction of block parameters removed, adapters and
   norms counted; the smallest count whose net removal is at least r is used, for every
   method (shortgpt-lora's adapters count too). Both fractions are reported:
