@@ -54,7 +54,8 @@ methods (L blocks; r = --ratio; see docs/method.md "The prune path"):
 
 which blocks (flexigpt, shortgpt, shortgpt-lora; --importance): bi, ShortGPT's Block Influence
   (one pass); bi-iterative, BI recomputed after each removal (one pass per pruned block);
-  ppl, Shortened LLaMA's calibration loss with each block skipped (one pass per block).
+  ppl, Shortened LLaMA's calibration loss with each block skipped (one pass per block, over
+  the first 8192 calibration tokens).
 
 local reconstruction (--reconstruct-epochs E, flexigpt and shortgpt-lora): after building,
   each position's adapters and output norms are fitted, position by position, so that its
@@ -103,6 +104,8 @@ CRITERIA = ("bi", "bi-iterative", "ppl")
 #: Methods that choose blocks one by one (``--importance``), and its default.
 PER_BLOCK = ("flexigpt", "shortgpt", "shortgpt-lora")
 DEFAULT_IMPORTANCE = "bi"
+#: ``--importance ppl`` runs the whole model once per block: on the first this many calibration tokens.
+PPL_TOKENS = 8192
 DEFAULT_RECONSTRUCT_EPOCHS = 0
 FLEXIGPT_ONLY = ("filter_rank", "out_norm", "out_norm_init", "no_filter", "no_svd_init", "kept_lora", "svd_solver")
 
@@ -410,8 +413,9 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
     start = time.perf_counter()
     if args.offload:
         scores = score_blocks_offloaded(str(folder), calib, metric, window, args.batch_size, device, dtype)
-    elif args.method in PER_BLOCK and args.importance == "ppl":
-        scores = score_blocks_ppl(source, calib, args.batch_size, device, progress=rank == 0)
+    elif args.method in PER_BLOCK and args.importance == "ppl":  # one pass per block: on the first PPL_TOKENS
+        use = calib[: max(1, PPL_TOKENS // calib.shape[1])]
+        scores = score_blocks_ppl(source, use, args.batch_size, device, progress=rank == 0)
     elif args.method in PER_BLOCK and args.importance == "bi-iterative":
         scores = score_blocks_iterative(source, calib, budget.count, args.batch_size, device, progress=rank == 0)
     else:
