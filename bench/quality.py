@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-all", type=float, help="peak lr of --trainable all runs (streamline; default: prunext train's, 1e-4)")
     p.add_argument("--prune-args", default="", help="extra flags for every prune, e.g. \"--reconstruct-epochs 2\" "
                    "(needs --label: the pruned models then sit under the label's own folder)")
+    p.add_argument("--pruned-as", default=None, help="with --prune-args: share the pruned models of this earlier --label "
+                   "(same prune flags) instead of pruning again under --label")
     p.add_argument("--train-args", default="", help="extra flags for every healing run, e.g. \"--kd-temperature 2\" (default none)")
     p.add_argument("--label", default="", help="name of this healing recipe: its runs sit beside other labels' in one --out, "
                    "sharing the pruned models (default: none)")
@@ -298,7 +300,7 @@ def main() -> int:
                 run_dir = run_dir.with_name(f"{name}-init{args.out_norm_init:g}")  # its own pruned model
             if args.prune_extra:
                 flags = [*flags, *args.prune_extra]
-                run_dir = run_dir.with_name(f"{run_dir.name}-{args.label}")  # its own pruned model
+                run_dir = run_dir.with_name(f"{run_dir.name}-{args.pruned_as or args.label}")  # its own pruned model
             pruned = run_dir / "pruned"
             prune_cmd = ["prune", "--model", args.model, "--ratio", str(ratio), "--method", method, *flags,
                          "--calib", TRAIN_DATA, "--calib-tokens", str(args.calib_tokens), "--seq-len", str(args.seq_len),
