@@ -55,7 +55,9 @@ methods (L blocks; r = --ratio; see docs/method.md "The prune path"):
 which blocks (flexigpt, shortgpt, shortgpt-lora; --importance): bi, ShortGPT's Block Influence
   (one pass); bi-iterative, BI recomputed after each removal (one pass per pruned block);
   ppl, Shortened LLaMA's calibration loss with each block skipped (one pass per block, over
-  the first 8192 calibration tokens).
+  the first 4096 calibration tokens); best, whichever of the three leaves the lowest
+  calibration loss with its blocks skipped together (one-shot ppl can pick a set that is
+  poor together; all three on the first 4096 calibration tokens).
 
 local reconstruction (--reconstruct-epochs E, flexigpt and shortgpt-lora): after building,
   each position's adapters and output norms are fitted, position by position, so that its
@@ -100,12 +102,14 @@ DEFAULT_KEPT_LORA = 0.5
 #: Methods whose adapters ``--reconstruct-epochs`` fits, and its default there (0 = off).
 RECONSTRUCTS = ("flexigpt", "shortgpt-lora")
 #: ``--importance``: how the per-block methods choose blocks (:mod:`prunext.prune.importance`).
-CRITERIA = ("bi", "bi-iterative", "ppl")
+CRITERIA = ("bi", "bi-iterative", "ppl", "best")
 #: Methods that choose blocks one by one (``--importance``), and its default.
 PER_BLOCK = ("flexigpt", "shortgpt", "shortgpt-lora")
-DEFAULT_IMPORTANCE = "bi"
+#: flexigpt's default is the measured best (BENCHMARKS.md "Healing recipe, second round"); the baselines
+#: choose as their authors do (ShortGPT: Block Influence).
+DEFAULT_IMPORTANCE = {"flexigpt": "best", "shortgpt": "bi", "shortgpt-lora": "bi"}
 #: ``--importance ppl`` runs the whole model once per block: on the first this many calibration tokens.
-PPL_TOKENS = 8192
+PPL_TOKENS = 4096
 DEFAULT_RECONSTRUCT_EPOCHS = 0
 FLEXIGPT_ONLY = ("filter_rank", "out_norm", "out_norm_init", "no_filter", "no_svd_init", "kept_lora", "svd_solver")
 
@@ -151,7 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--importance", choices=CRITERIA, default=None,
         help=f"flexigpt, shortgpt, shortgpt-lora: how blocks are chosen: bi (one pass), bi-iterative (BI "
         f"recomputed after each removal) or ppl (calibration loss with each block skipped; one pass per block) "
-        f"(default {DEFAULT_IMPORTANCE})",
+        "(default: best for flexigpt, the measured best, or bi with --offload; bi, as their authors, for shortgpt and shortgpt-lora)",
     )
     parser.add_argument(
         "--reconstruct-epochs", type=int, default=None, metavar="E",
@@ -209,9 +213,10 @@ def check_args(args: argparse.Namespace) -> None:
     _check_reconstruct(args)
     if args.importance is not None and args.method not in PER_BLOCK:
         raise UserError(f"--importance applies to {', '.join(PER_BLOCK)}; {args.method} scores windows of blocks")
-    args.importance = args.importance or DEFAULT_IMPORTANCE
+    if args.importance is None:  # offloaded scoring holds one block at a time: Block Influence only
+        args.importance = "bi" if args.offload else DEFAULT_IMPORTANCE.get(args.method, "bi")
     if args.importance != "bi" and args.offload:
-        raise UserError(f"--importance {args.importance} runs the whole model, which --offload avoids; use --importance bi")
+        raise UserError(f"--importance {args.importance} runs the whole model, which --offload avoids; add --importance bi")
     if args.kept_lora is None:
         args.kept_lora = DEFAULT_KEPT_LORA if args.method == "flexigpt" else 0.0
     args.out_norm = args.out_norm or "layernorm"
@@ -347,7 +352,13 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
     from prunext.fsutil import atomic_dir
     from prunext.prune import methods, report
     from prunext.tables import format_table
-    from prunext.prune.importance import score_blocks, score_blocks_iterative, score_blocks_offloaded, score_blocks_ppl
+    from prunext.prune.importance import (
+        score_blocks,
+        score_blocks_best,
+        score_blocks_iterative,
+        score_blocks_offloaded,
+        score_blocks_ppl,
+    )
     from prunext.prune.ratio import ModelSizes, plan_budget
 
     # setup
@@ -413,9 +424,12 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
     start = time.perf_counter()
     if args.offload:
         scores = score_blocks_offloaded(str(folder), calib, metric, window, args.batch_size, device, dtype)
-    elif args.method in PER_BLOCK and args.importance == "ppl":  # one pass per block: on the first PPL_TOKENS
+    elif args.method in PER_BLOCK and args.importance in ("ppl", "best"):  # a pass per block: on the first PPL_TOKENS
         use = calib[: max(1, PPL_TOKENS // calib.shape[1])]
-        scores = score_blocks_ppl(source, use, args.batch_size, device, progress=rank == 0)
+        if args.importance == "ppl":
+            scores = score_blocks_ppl(source, use, args.batch_size, device, progress=rank == 0)
+        else:
+            scores = score_blocks_best(source, use, budget.count, args.batch_size, device, progress=rank == 0)
     elif args.method in PER_BLOCK and args.importance == "bi-iterative":
         scores = score_blocks_iterative(source, calib, budget.count, args.batch_size, device, progress=rank == 0)
     else:

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from prunext.cli import main
-from prunext.prune.importance import BlockScores, score_blocks, score_blocks_iterative, score_blocks_ppl
+from prunext.prune.importance import (
+    BlockScores,
+    calibration_loss,
+    score_blocks,
+    score_blocks_best,
+    score_blocks_iterative,
+    score_blocks_ppl,
+)
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 import tiny  # noqa: E402
@@ -58,7 +65,23 @@ def test_ppl_scores_are_the_loss_without_each_block(tiny_hf):
     assert BlockScores("ppl", 1, [3.0, 1.0, 2.0], 10).ranking() == [1, 2, 0]
 
 
-@pytest.mark.parametrize("criterion", ["ppl", "bi-iterative"])
+def test_best_keeps_the_criterion_whose_blocks_together_leave_the_lowest_loss(tiny_hf):
+    hf = tiny_hf("llama", layers=6, hidden=32)
+    windows = _windows()
+    with torch.no_grad():
+        want = _without(hf, [1, 4])(input_ids=windows, labels=windows).loss.item()
+    assert calibration_loss(hf, windows, [1, 4], batch_size=2) == pytest.approx(want, rel=1e-5)
+    got = score_blocks_best(hf, windows, 2, batch_size=2, progress=False)
+    singles = {"bi": score_blocks(hf, windows, "bi", progress=False), "ppl": score_blocks_ppl(hf, windows, progress=False),
+               "bi-iterative": score_blocks_iterative(hf, windows, 2, progress=False)}  # fmt: skip
+    losses = {k: calibration_loss(hf, windows, s.least_important(2)) for k, s in singles.items()}
+    assert got.candidates == pytest.approx(losses, rel=1e-5)
+    winner = min(losses, key=losses.get)
+    assert got.metric == winner and got.least_important(2) == singles[winner].least_important(2)
+    assert json.loads(json.dumps(got.to_dict()))["candidates"] == got.candidates
+
+
+@pytest.mark.parametrize("criterion", ["ppl", "bi-iterative", "best"])
 def test_prune_cli_uses_the_criterion(tmp_path, criterion):
     from conftest import make_tiny_hf, make_tiny_tokenizer
 
@@ -70,6 +93,8 @@ def test_prune_cli_uses_the_criterion(tmp_path, criterion):
             "--calib-tokens", "512", "--seq-len", "32", "--importance", criterion, "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "prune_report.json").read_text())
-    assert report["settings"]["metric"] == criterion and report["scores"]["metric"] == criterion
+    assert report["settings"]["metric"] == criterion
+    assert report["scores"]["metric"] == criterion or (criterion == "best" and set(report["scores"]["candidates"]) ==
+                                                         {"bi", "bi-iterative", "ppl"})  # fmt: skip
     scores = BlockScores(**{k: v for k, v in report["scores"].items() if k != "remove_first"})
     assert report["decision"]["pruned"] == scores.least_important(len(report["decision"]["pruned"]))

@@ -45,7 +45,7 @@ def _growth(root: Path, out: Path, *extra: str) -> float:
     """Peak resident bytes a prune run adds, as a ratio to the model's bytes."""
     model_bytes = sum(f.stat().st_size for f in (root / "model").glob("*.safetensors"))
     args = ["prune", "--model", str(root / "model"), "--calib", str(root / "calib.txt"), "--calib-tokens", "1024",
-            "--seq-len", "128", "--batch-size", "4", "--ratio", "0.3", "--kept-lora", "0.5", "--out", str(out), *extra]  # fmt: skip
+            "--seq-len", "128", "--batch-size", "4", "--ratio", "0.3", "--kept-lora", "0.5", "--importance", "bi", "--out", str(out), *extra]  # fmt: skip
     env = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "PATH": "/usr/bin:/bin", "HOME": str(root)}
     proc = subprocess.run([sys.executable, "-c", _MEASURE, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -104,7 +104,8 @@ def test_flexigpt_writes_model_report_and_plots(tiny_dir, tmp_path, capsys):
         assert decision["sources"][str(i)] == d["columns_kept"][values.index(min(values))]
     assert params["total_params_after_counted"] == params["total_params_after"]
     assert set(report["timings_s"]) == {"scoring", "matching_svd", "build_save"}
-    assert report["scores"]["metric"] == "bi" and len(report["scores"]["scores"]) == 6
+    assert report["settings"]["metric"] == "best" and len(report["scores"]["scores"]) == 6  # flexigpt's default
+    assert report["scores"]["metric"] in ("bi", "bi-iterative", "ppl")
     for plot in (IMPORTANCE_PLOT, DISTANCE_PLOT):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -196,8 +197,8 @@ def test_offload_from_a_sharded_folder_writes_what_loading_writes(tiny_dir, tmp_
     make_tiny_tokenizer().save_pretrained(source)
     assert len(list(source.glob("*.safetensors"))) > 5
     args = ["prune", "--model", str(source), "--calib", str(tiny_dir / "calib.txt"), "--calib-tokens", "1024",
-            "--seq-len", "32", "--batch-size", "4", "--ratio", "0.3", *extra]  # fmt: skip
-    assert main([*args, "--out", str(tmp_path / "mem")]) == 0
+            "--seq-len", "32", "--batch-size", "4", "--ratio", "0.3", "--importance", "bi", *extra]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "mem")]) == 0  # --importance bi: what --offload chooses with
     assert main([*args, "--out", str(tmp_path / "off"), "--offload"]) == 0
     _assert_same_model(tmp_path / "mem", tmp_path / "off")
     for name in ("config.json", "generation_config.json", "modeling_prunext.py", "tokenizer.json"):

@@ -21,8 +21,10 @@ from prunext.eval.perplexity import perplexity
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
-OLD_PRUNE = ["--kept-lora", "0", "--out-norm-init", "0.01"]
+OLD_PRUNE = ["--kept-lora", "0", "--out-norm-init", "0.01", "--importance", "bi"]
 OLD_TRAIN = ["--loss", "lm"]
+#: The defaults before the second round: blocks chosen by Block Influence alone.
+ROUND1_PRUNE = ["--importance", "bi"]
 
 
 def _trained_source(folder: Path, text: Path) -> Path:
@@ -45,9 +47,9 @@ def _trained_source(folder: Path, text: Path) -> Path:
     return folder
 
 
-def _heal(source: Path, text: Path, root: Path, prune_extra: list[str], train_extra: list[str]) -> Path:
+def _heal(source: Path, text: Path, root: Path, prune_extra: list[str], train_extra: list[str], ratio: str = "0.3") -> Path:
     pruned = root / "pruned"
-    code = main(["prune", "--model", str(source), "--ratio", "0.3", "--calib", str(text), "--calib-tokens", "1024",
+    code = main(["prune", "--model", str(source), "--ratio", ratio, "--calib", str(text), "--calib-tokens", "1024",
                  "--seq-len", "32", "--out", str(pruned), *prune_extra])  # fmt: skip
     assert code == 0
     args = tiny.train_args(pruned, text, root / "run", "--tokens", "1536", "--save-every", "0", *train_extra)
@@ -77,3 +79,26 @@ def test_default_recipe_heals_faster_than_the_old_defaults(tmp_path):
     ppl["dense"] = perplexity(dense, held_out, dataset="builtin:wiki:test", progress=False).ppl
     print("held-out perplexity:", ppl)
     assert ppl["new"] < ppl["old"], ppl
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["lm_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_choice_of_blocks_heals_faster_than_block_influence(tmp_path):
+    """Today's default (--importance best) against round 1's (bi), both healed with today's train defaults."""
+    text = tiny.write_text(tmp_path / "text.txt", chars=16000)
+    source = _trained_source(tmp_path / "source", text)
+    new = _heal(source, text, tmp_path / "new", [], [], ratio="0.4")
+    old = _heal(source, text, tmp_path / "old", ROUND1_PRUNE, [], ratio="0.4")
+    reports = {name: json.loads((run.parent / "pruned" / "prune_report.json").read_text()) for name, run in
+               (("new", new), ("old", old))}  # fmt: skip
+    assert reports["new"]["settings"]["metric"] == "best" and reports["old"]["settings"]["metric"] == "bi"
+    candidates = reports["new"]["scores"]["candidates"]
+    print("calibration loss of each criterion's blocks:", candidates, "pruned:",
+          reports["new"]["decision"]["pruned"], "vs bi", reports["old"]["decision"]["pruned"])  # fmt: skip
+    assert candidates[reports["new"]["scores"]["metric"]] < candidates["bi"]  # best chose something better than bi
+    new_lm, old_lm = _losses(new), _losses(old)
+    print("lm loss per step, new:", [round(x, 3) for x in new_lm], "old:", [round(x, 3) for x in old_lm])
+    assert len(new_lm) == len(old_lm)
+    assert sum(new_lm) < sum(old_lm) and new_lm[-1] < old_lm[-1]
