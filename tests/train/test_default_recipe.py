@@ -1,10 +1,13 @@
 """The default healing recipe heals faster than the old defaults (the paper's recipe), on a tiny model.
 
 Old defaults: prune ``--kept-lora 0 --out-norm-init 0.01`` (pure replacement, small output norms),
-train ``--loss lm``. Today's defaults: prune's hybrid (half the adapter rank on the kept blocks) and
-train's ``--loss auto`` (lm + distillation from the model named in the prune report). Same seed,
-data, token budget and learning rate; the source is a tiny model first trained on real text so that
-pruning it loses something a healing run can win back. Scored by perplexity on held-out text.
+blocks chosen by Block Influence, train ``--loss lm``. Today's defaults: prune's hybrid (half the
+adapter rank on the kept blocks), blocks chosen by ``--importance best`` (the second round: whichever of
+bi, bi-iterative and one-shot ppl leaves the lowest calibration loss) and train's ``--loss auto``
+(lm + distillation from the model named in the prune report). Same seed, data, token budget and
+learning rate; the source is a tiny model first trained on real text so that pruning it loses
+something a healing run can win back. Scored by perplexity on held-out text, and by the LM loss
+along the run against round 1's defaults (Block Influence).
 """
 
 import json
