@@ -164,7 +164,9 @@ def _plots(out, rows) -> list[str]:
     pruned = set(report["decision"].get("pruned", []))
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.bar(range(len(scores)), scores, color=["tab:red" if i in pruned else "tab:blue" for i in range(len(scores))])
-    ax.set(xlabel="block", ylabel="Block Influence (log)", yscale="log", title="Block importance (red: pruned and replaced)")
+    ylabel = {"bi": "Block Influence (log)", "bi-iterative": "BI when removed (log)",
+              "ppl": "loss without the block (log)"}.get(report["scores"]["metric"], report["scores"]["metric"])  # fmt: skip
+    ax.set(xlabel="block", ylabel=ylabel, yscale="log", title="Block importance (red: pruned and replaced)")
     fig.tight_layout()
     fig.savefig(out / "importance.png", dpi=110)
     plt.close(fig)
