@@ -171,7 +171,7 @@ def test_baseline_writes_no_distance_plot(tiny_dir, tmp_path):
 
 
 def test_offloaded_scoring_builds_the_same_model(tiny_dir, tmp_path):
-    assert main(_args(tiny_dir, tmp_path / "mem", "--ratio", "0.25")) == 0
+    assert main(_args(tiny_dir, tmp_path / "mem", "--ratio", "0.25", "--importance", "bi")) == 0  # what --offload uses
     assert main(_args(tiny_dir, tmp_path / "off", "--ratio", "0.25", "--offload")) == 0
     _assert_same_model(tmp_path / "mem", tmp_path / "off")
 
