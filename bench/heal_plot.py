@@ -1,0 +1,63 @@
+"""Perplexity after healing against healing tokens, from a ``bench/quality.py`` results folder.
+
+Usage (after the runs BENCHMARKS.md "Healing recipe, second round" lists)::
+
+    .venv/bin/python bench/heal_plot.py --results bench_out/heal2 --out docs/img/heal_ppl_vs_tokens.png
+
+One panel per ratio; one line per recipe in :data:`CURVES` (a recipe's runs are read from each run's
+``stage.json``, so labels that share a pruned model are read where ``quality.py`` wrote them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+#: curve name -> {ratio: (run folder, heal folder suffix)}; heal folders are ``heal-<tokens><suffix>``.
+CURVES = {
+    "ShortGPT + LoRA, as its authors (bi, lm)": {0.3: ("shortgpt-lora", ""), 0.4: ("shortgpt-lora", "-lm")},
+    "prunext round 1 default (bi, lm+kd)": {0.3: ("flexigpt-hybrid", "-kd"), 0.4: ("flexigpt-hybrid", "-kd")},
+    "prunext default (best, lm+kd)": {0.3: ("flexigpt", ""), 0.4: ("flexigpt-hybrid", "-kd")},
+}
+BUDGETS = (15000, 60000, 250000)
+
+
+def points(results: Path, ratio: float, run: str, suffix: str) -> list[tuple[int, float]]:
+    out = []
+    for tokens in BUDGETS:
+        for name in (f"heal-{tokens}{suffix}", f"heal-{tokens}-lm" if suffix == "" else None):
+            stage = results / "runs" / f"r{ratio:g}" / run / name / "stage.json" if name else None
+            if stage is not None and stage.exists():
+                out.append((tokens, json.loads(stage.read_text())["result"]["perplexity"]["ppl"]))
+                break
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", required=True, help="the --out folder of bench/quality.py")
+    p.add_argument("--out", required=True, help="PNG to write")
+    args = p.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = Path(args.results)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, ratio in zip(axes, (0.3, 0.4)):
+        for label, where in CURVES.items():
+            pts = points(results, ratio, *where[ratio])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="healing tokens", ylabel="perplexity (builtin:wiki:test)",
+               title=f"SmolLM2-135M pruned {ratio:.0%}")  # fmt: skip
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
