@@ -99,7 +99,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 #: Flags that only flexigpt uses (the ablation switches and its replacement parts).
 #: ``--kept-lora`` default: the hybrid healed faster than pure replacement at every measured budget (BENCHMARKS.md).
 DEFAULT_KEPT_LORA = 0.5
-#: Methods whose adapters ``--reconstruct-epochs`` fits, and its default there (0 = off).
+#: Methods whose adapters ``--reconstruct-epochs`` fits, and its default (0 = off).
 RECONSTRUCTS = ("flexigpt", "shortgpt-lora")
 #: ``--importance``: how the per-block methods choose blocks (:mod:`prunext.prune.importance`).
 CRITERIA = ("bi", "bi-iterative", "ppl", "best")
@@ -232,7 +232,7 @@ def _check_reconstruct(args: argparse.Namespace) -> None:
     if args.reconstruct_epochs is None:
         if given:
             raise UserError("--reconstruct-tokens and --reconstruct-lr need --reconstruct-epochs E (E >= 1)")
-        args.reconstruct_epochs = DEFAULT_RECONSTRUCT_EPOCHS if args.method in RECONSTRUCTS else 0
+        args.reconstruct_epochs = DEFAULT_RECONSTRUCT_EPOCHS
     if args.reconstruct_epochs < 0:
         raise UserError(f"--reconstruct-epochs {args.reconstruct_epochs} must be 0 (off) or more")
     if args.reconstruct_epochs and args.method not in RECONSTRUCTS:

@@ -66,12 +66,7 @@ def targets(plan: Plan, flag: str = "--reconstruct-epochs") -> list[int]:
                     f"this plan reorders or adds blocks, so drop {flag}")  # fmt: skip
 
 
-def _first(out) -> torch.Tensor:
-    # transformers 5 decoder layers return a tensor; older ones and some families a tuple.
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """|out - target|^2 / |target|^2 over all tokens but the first of each window (massive activations sit there)."""
     out, target = out[:, 1:].float(), target[:, 1:].float()
     return (out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
@@ -81,6 +76,8 @@ def _record(model, batches: list[torch.Tensor], keep: set[int] | None, device) -
     """Run ``model`` on every batch; return, per batch, each layer's call keywords (masks, rotary) and
     the outputs of the layers in ``keep`` (None: the first layer's input instead), on the CPU."""
     import torch
+
+    from prunext.prune.importance import _block_output
 
     layers = model.model.layers
     calls: list[dict] = []
@@ -96,7 +93,7 @@ def _record(model, batches: list[torch.Tensor], keep: set[int] | None, device) -
 
     def post(i):
         def hook(module, args, kwargs, out):
-            states[-1][i] = _first(out).detach().cpu()
+            states[-1][i] = _block_output(out).detach().cpu()
 
         return hook
 
@@ -139,6 +136,7 @@ def reconstruct(model, source, windows: torch.Tensor, epochs: int, lr: float = D
     from tqdm.auto import tqdm
 
     from prunext.core.model import is_owned
+    from prunext.prune.importance import _block_output
 
     started = time.perf_counter()
     goal = targets(model.plan)
@@ -159,11 +157,11 @@ def reconstruct(model, source, windows: torch.Tensor, epochs: int, lr: float = D
             own = [param for name, param in layer.named_parameters() if is_owned(name)]
 
             def run(b: int) -> torch.Tensor:
-                return _first(layer(state[b].to(device), **calls[b][pos]))
+                return _block_output(layer(state[b].to(device), **calls[b][pos]))
 
             def error() -> float:
                 with torch.no_grad():
-                    return sum(_relative_error(run(b), wanted[b][goal[pos]].to(device)).item() for b in range(len(batches))) / len(batches)
+                    return sum(relative_error(run(b), wanted[b][goal[pos]].to(device)).item() for b in range(len(batches))) / len(batches)
 
             if own:
                 before = error()
@@ -175,7 +173,7 @@ def reconstruct(model, source, windows: torch.Tensor, epochs: int, lr: float = D
                     for b in torch.randperm(len(batches), generator=generator).tolist():
                         for group in optimizer.param_groups:
                             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-                        loss = _relative_error(run(b), wanted[b][goal[pos]].to(device))
+                        loss = relative_error(run(b), wanted[b][goal[pos]].to(device))
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         optimizer.step()

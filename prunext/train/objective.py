@@ -53,10 +53,9 @@ def hidden_loss(student_states, teacher_states, targets: list[int]) -> torch.Ten
         teacher_states: the same of the teacher.
         targets: per student position, the teacher block at the same depth.
     """
-    total = 0.0
-    for p, q in enumerate(targets):
-        s, t = student_states[p + 1][:, 1:].float(), teacher_states[q + 1][:, 1:].float()
-        total = total + (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+    from prunext.prune.reconstruct import relative_error
+
+    total = sum(relative_error(student_states[p + 1], teacher_states[q + 1]) for p, q in enumerate(targets))
     return total / len(targets)
 
 
