@@ -389,7 +389,9 @@ def train(cmd: list[str], heal: Path, nproc: int) -> dict:
     else:
         launcher = [sys.executable, "-m", "prunext"]
     heal.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+    # an OMP_NUM_THREADS the caller set wins (two sweeps side by side at 1 thread each)
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 2) // nproc))
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
     with open(heal / "train.log", "w") as log:
         done = subprocess.run([*launcher, *cmd], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode:
