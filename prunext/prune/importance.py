@@ -308,12 +308,14 @@ def _skip(layer: nn.Module):
 
 
 def score_blocks_iterative(model: nn.Module, windows: torch.LongTensor, count: int, batch_size: int = 8,
-                           device: str | torch.device = "cpu", progress: bool = True) -> BlockScores:  # fmt: skip
+                           device: str | torch.device = "cpu", progress: bool = True,
+                           first: BlockScores | None = None) -> BlockScores:  # fmt: skip
     """``bi-iterative``: remove ``count`` blocks one at a time, each the lowest BI of the model without the earlier ones.
 
     ``count`` passes over the calibration windows; a removed block is skipped (returns its input). The
     result's ``order`` is the removal order; ``scores`` hold each removed block's BI when it went and the
-    others' BI in the last pass.
+    others' BI in the last pass. ``first``: the whole model's ``bi`` scores on the same windows, when the
+    caller already has them (the first pass is then skipped).
     """
     layers = model.model.layers
     removed: list[int] = []
@@ -322,7 +324,10 @@ def score_blocks_iterative(model: nn.Module, windows: torch.LongTensor, count: i
     handles = []
     try:
         for step in range(count):
-            scores = score_blocks(model, windows, "bi", 1, batch_size, device, progress=False)
+            if step == 0 and first is not None:
+                scores = first
+            else:
+                scores = score_blocks(model, windows, "bi", 1, batch_size, device, progress=False)
             tokens += scores.tokens
             pick = min((i for i in range(len(layers)) if i not in removed), key=lambda i: scores.scores[i])
             values = [values[i] if i in removed else scores.scores[i] for i in range(len(layers))]
@@ -390,11 +395,12 @@ def score_blocks_best(model: nn.Module, windows: torch.LongTensor, count: int, b
     together, leave the lowest calibration loss (ties: that order). One-shot ``ppl`` ranks each block alone and
     can pick a set that is poor together (measured at 40% on SmolLM2-135M); this checks every set as a whole.
 
-    Costs one ``ppl`` scoring (a pass per block), ``count`` BI passes and three loss passes.
+    Costs one ``ppl`` scoring (a pass per block), ``count`` BI passes (the first is ``bi``'s) and three loss passes.
     """
+    bi = score_blocks(model, windows, "bi", 1, batch_size, device, progress=False)
     candidates = {
-        "bi": score_blocks(model, windows, "bi", 1, batch_size, device, progress=False),
-        "bi-iterative": score_blocks_iterative(model, windows, count, batch_size, device, progress=False),
+        "bi": bi,
+        "bi-iterative": score_blocks_iterative(model, windows, count, batch_size, device, progress=False, first=bi),
         "ppl": score_blocks_ppl(model, windows, batch_size, device, progress),
     }
     losses = {name: calibration_loss(model, windows, s.least_important(count), batch_size, device)

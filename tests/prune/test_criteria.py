@@ -44,6 +44,8 @@ def test_iterative_bi_removes_the_lowest_bi_of_the_model_without_the_earlier_one
         bi = score_blocks(_without(hf, removed), windows, "bi", progress=False).scores
         removed.append(left[min(range(len(left)), key=lambda j: bi[j])])
     assert got.order == removed
+    first = score_blocks(hf, windows, "bi", progress=False)  # the whole model's BI, as best passes it
+    assert score_blocks_iterative(hf, windows, 3, batch_size=2, progress=False, first=first).to_dict() == got.to_dict()
     assert got.least_important(3) == sorted(removed) and got.ranking()[:3] == removed
     with pytest.raises(ValueError, match="removed 3 blocks one by one, not 4"):
         got.least_important(4)
