@@ -14,21 +14,23 @@ import argparse
 import json
 from pathlib import Path
 
-#: curve name -> {ratio: (run folder, heal folder suffix)}; heal folders are ``heal-<tokens><suffix>``.
+#: curve name -> {ratio: (run folder, heal folder suffixes)}; heal folders are ``heal-<tokens><suffix>``, the
+#: first suffix found per budget is read (the same recipe ran under several labels).
 CURVES = {
-    "ShortGPT + LoRA, as its authors (bi, lm)": {0.3: ("shortgpt-lora", ""), 0.4: ("shortgpt-lora", "-lm")},
-    "prunext round 1 default (bi, lm+kd)": {0.3: ("flexigpt-hybrid", "-kd"), 0.4: ("flexigpt-hybrid", "-kd")},
-    "prunext default (best, lm+kd)": {0.3: ("flexigpt", ""), 0.4: ("flexigpt-hybrid", "-kd")},
+    "ShortGPT + LoRA, as its authors (bi, lm)": {0.3: ("shortgpt-lora", ("", "-lm", "-base250")),
+                                                 0.4: ("shortgpt-lora", ("-lm",))},
+    "prunext round 1 default (bi, lm+kd)": {0.3: ("flexigpt-hybrid", ("-kd",)), 0.4: ("flexigpt-hybrid", ("-kd",))},
+    "prunext default (best, lm+kd)": {0.3: ("flexigpt", ("",)), 0.4: ("flexigpt-hybrid", ("-kd",))},
 }
 BUDGETS = (15000, 60000, 250000)
 
 
-def points(results: Path, ratio: float, run: str, suffix: str) -> list[tuple[int, float]]:
+def points(results: Path, ratio: float, run: str, suffixes: tuple[str, ...]) -> list[tuple[int, float]]:
     out = []
     for tokens in BUDGETS:
-        for name in (f"heal-{tokens}{suffix}", f"heal-{tokens}-lm" if suffix == "" else None):
-            stage = results / "runs" / f"r{ratio:g}" / run / name / "stage.json" if name else None
-            if stage is not None and stage.exists():
+        for suffix in suffixes:
+            stage = results / "runs" / f"r{ratio:g}" / run / f"heal-{tokens}{suffix}" / "stage.json"
+            if stage.exists():
                 out.append((tokens, json.loads(stage.read_text())["result"]["perplexity"]["ppl"]))
                 break
     return out
