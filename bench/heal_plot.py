@@ -23,6 +23,8 @@ CURVES = {
     "prunext default (best, lm+kd)": {0.3: ("flexigpt", ("",)), 0.4: ("flexigpt-hybrid", ("-kd",))},
 }
 BUDGETS = (15000, 60000, 250000)
+#: the issue's goal, as a fraction of the baseline's perplexity
+GOAL = 0.9
 
 
 def points(results: Path, ratio: float, run: str, suffixes: tuple[str, ...]) -> list[tuple[int, float]]:
@@ -45,16 +47,25 @@ def main() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     results = Path(args.results)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, ratio in zip(axes, (0.3, 0.4)):
-        for label, where in CURVES.items():
+        for i, (label, where) in enumerate(CURVES.items()):
             pts = points(results, ratio, *where[ratio])
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
+            if pts:  # the later curves drawn thinner and dashed, so one lying on another stays visible
+                ax.plot(*zip(*pts), marker="o", label=label, linestyle="--" if i == 1 else "-", zorder=3 - i)
+            if pts and i == 0:
+                ax.plot([t for t, _ in pts], [GOAL * p for _, p in pts], color="grey", linestyle=":",
+                        label=f"goal: {GOAL:g}x the baseline")  # fmt: skip
         ax.set(xscale="log", yscale="log", xlabel="healing tokens", ylabel="perplexity (builtin:wiki:test)",
-               title=f"SmolLM2-135M pruned {ratio:.0%}")  # fmt: skip
+               title=f"SmolLM2-135M pruned {ratio:.0%}", xticks=BUDGETS)  # fmt: skip
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}K"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_major_locator(matplotlib.ticker.MultipleLocator(10))  # perplexity in tens, log-spaced
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
