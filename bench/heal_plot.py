@@ -54,10 +54,10 @@ def main() -> None:
     for ax, ratio in zip(axes, (0.3, 0.4)):
         for i, (label, where) in enumerate(CURVES.items()):
             pts = points(results, ratio, *where[ratio])
-            if pts:  # the later curves drawn thinner and dashed, so one lying on another stays visible
+            if pts:  # round 1's curve dashed and drawn under the default's, so one lying on the other stays visible
                 ax.plot(*zip(*pts), marker="o", label=label, linestyle="--" if i == 1 else "-", zorder=3 - i)
             if pts and i == 0:
-                ax.plot([t for t, _ in pts], [GOAL * p for _, p in pts], color="grey", linestyle=":",
+                ax.plot([t for t, _ in pts], [GOAL * ppl for _, ppl in pts], color="grey", linestyle=":",
                         label=f"goal: {GOAL:g}x the baseline")  # fmt: skip
         ax.set(xscale="log", yscale="log", xlabel="healing tokens", ylabel="perplexity (builtin:wiki:test)",
                title=f"SmolLM2-135M pruned {ratio:.0%}", xticks=BUDGETS)  # fmt: skip
