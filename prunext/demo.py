@@ -164,8 +164,8 @@ def _plots(out, rows) -> list[str]:
     pruned = set(report["decision"].get("pruned", []))
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.bar(range(len(scores)), scores, color=["tab:red" if i in pruned else "tab:blue" for i in range(len(scores))])
-    ylabel = {"bi": "Block Influence (log)", "bi-iterative": "BI when removed (log)", "ppl": "loss without the block (log)",
-              "ppl-iterative": "loss when removed (log)"}.get(report["scores"]["metric"], report["scores"]["metric"])  # fmt: skip
+    ylabel = {"bi": "Block Influence (log)", "bi-iterative": "BI when removed (log)",
+              "ppl": "loss without the block (log)"}.get(report["scores"]["metric"], report["scores"]["metric"])  # fmt: skip
     ax.set(xlabel="block", ylabel=ylabel, yscale="log", title="Block importance (red: pruned and replaced)")
     fig.tight_layout()
     fig.savefig(out / "importance.png", dpi=110)

@@ -52,12 +52,10 @@ METRICS = ("bi", "angular", "streamline")
 # ``bi``: one pass, ShortGPT's Block Influence; ``bi-iterative``: BI recomputed after each removal, on the
 # model with the blocks removed so far skipped (:func:`score_blocks_iterative`); ``ppl``: Shortened LLaMA's
 # one-shot criterion, the calibration LM loss with each block skipped in turn, lowest first (:func:`score_blocks_ppl`);
-# ``ppl-iterative``: that loss recomputed after each removal, greedy (:func:`score_blocks_ppl_iterative`);
 # ``best``: the one of those three whose chosen set, skipped together, leaves the lowest loss (:func:`score_blocks_best`).
 
 #: For each metric, whether a LOW score means "remove first".
-_LOW_IS_REDUNDANT = {"bi": True, "angular": True, "streamline": False, "bi-iterative": True, "ppl": True,
-                     "ppl-iterative": True}
+_LOW_IS_REDUNDANT = {"bi": True, "angular": True, "streamline": False, "bi-iterative": True, "ppl": True}
 
 
 @dataclass
@@ -389,43 +387,6 @@ def calibration_loss(model: nn.Module, windows: torch.LongTensor, skipped: list[
         model.train(was_training)
     total = sum_over_ranks(total)
     return (total[0] / total[1]).item()
-
-
-@torch.no_grad()
-def score_blocks_ppl_iterative(model: nn.Module, windows: torch.LongTensor, count: int, batch_size: int = 8,
-                               device: str | torch.device = "cpu", progress: bool = True,
-                               first: BlockScores | None = None) -> BlockScores:  # fmt: skip
-    """``ppl-iterative``: remove ``count`` blocks one at a time, each the block whose skipping, together with the
-    earlier removals, leaves the lowest calibration loss (greedy; one-shot ``ppl`` is its first step).
-
-    Costs L + (L - 1) + ... + (L - count + 1) loss passes. The result's ``order`` is the removal order; a removed
-    block's score is the loss when it went, the others' the loss of their last try. ``first``: the one-shot
-    ``ppl`` scores on the same windows, when the caller already has them (the first step is then skipped).
-    """
-    layers = model.model.layers
-    windows = _check_args("bi", 1, len(layers), windows, batch_size)
-    if count == 0 and first is None:
-        return score_blocks_ppl(model, windows, batch_size, device, progress)
-    removed: list[int] = []
-    values = list(first.scores) if first is not None else [0.0] * len(layers)
-    skip_first = first is not None
-    total = sum(len(layers) - s for s in range(1 if skip_first else 0, count))
-    bar = _progress(None, total, "scoring blocks (ppl-iterative)", progress)
-    try:
-        for step in range(count):
-            left = [i for i in range(len(layers)) if i not in removed]
-            if step > 0 or not skip_first:
-                for i in left:
-                    values[i] = calibration_loss(model, windows, removed + [i], batch_size, device)
-                    bar.update(1)
-            pick = min(left, key=lambda i: values[i])
-            removed.append(pick)
-            if progress and rank_and_world()[0] == 0:
-                log.info("ppl-iterative: removed block %d (calibration loss %.4f), %d of %d", pick, values[pick],
-                         step + 1, count)  # fmt: skip
-    finally:
-        bar.close()
-    return BlockScores("ppl-iterative", 1, values, int(windows.numel()), order=removed)
 
 
 def score_blocks_best(model: nn.Module, windows: torch.LongTensor, count: int, batch_size: int = 8,

@@ -55,8 +55,7 @@ methods (L blocks; r = --ratio; see docs/method.md "The prune path"):
 which blocks (flexigpt, shortgpt, shortgpt-lora; --importance): bi, ShortGPT's Block Influence
   (one pass); bi-iterative, BI recomputed after each removal (one pass per pruned block);
   ppl, Shortened LLaMA's calibration loss with each block skipped (one pass per block, over
-  the first 4096 calibration tokens); ppl-iterative, that loss recomputed after each removal
-  (greedy: L + (L - 1) + ... passes, one per remaining block per pruned block); best, whichever of the three leaves the lowest
+  the first 4096 calibration tokens); best, whichever of the three leaves the lowest
   calibration loss with its blocks skipped together (one-shot ppl can pick a set that is
   poor together; all three on the first 4096 calibration tokens).
 
@@ -103,7 +102,7 @@ DEFAULT_KEPT_LORA = 0.5
 #: Methods whose adapters ``--reconstruct-epochs`` fits, and its default (0 = off).
 RECONSTRUCTS = ("flexigpt", "shortgpt-lora")
 #: ``--importance``: how the per-block methods choose blocks (:mod:`prunext.prune.importance`).
-CRITERIA = ("bi", "bi-iterative", "ppl", "ppl-iterative", "best")
+CRITERIA = ("bi", "bi-iterative", "ppl", "best")
 #: Methods that choose blocks one by one (``--importance``), and its default.
 PER_BLOCK = ("flexigpt", "shortgpt", "shortgpt-lora")
 #: flexigpt's default is the measured best (BENCHMARKS.md "Healing recipe, second round"); the baselines
@@ -155,8 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--importance", choices=CRITERIA, default=None,
         help=f"flexigpt, shortgpt, shortgpt-lora: how blocks are chosen: bi (one pass), bi-iterative (BI "
-        f"recomputed after each removal), ppl (calibration loss with each block skipped; one pass per block) or "
-        "ppl-iterative (that loss recomputed after each removal, greedy; one pass per remaining block per pruned block) "
+        f"recomputed after each removal) or ppl (calibration loss with each block skipped; one pass per block) "
         "(default: best for flexigpt, the measured best, or bi with --offload; bi, as their authors, for shortgpt and shortgpt-lora)",
     )
     parser.add_argument(
@@ -360,7 +358,6 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
         score_blocks_iterative,
         score_blocks_offloaded,
         score_blocks_ppl,
-        score_blocks_ppl_iterative,
     )
     from prunext.prune.ratio import ModelSizes, plan_budget
 
@@ -427,12 +424,10 @@ def prune(args: argparse.Namespace, rank: int = 0, world: int = 1, device: str =
     start = time.perf_counter()
     if args.offload:
         scores = score_blocks_offloaded(str(folder), calib, metric, window, args.batch_size, device, dtype)
-    elif args.method in PER_BLOCK and args.importance in ("ppl", "ppl-iterative", "best"):  # passes per block
-        use = calib[: max(1, PPL_TOKENS // calib.shape[1])]  # on the first PPL_TOKENS
+    elif args.method in PER_BLOCK and args.importance in ("ppl", "best"):  # a pass per block: on the first PPL_TOKENS
+        use = calib[: max(1, PPL_TOKENS // calib.shape[1])]
         if args.importance == "ppl":
             scores = score_blocks_ppl(source, use, args.batch_size, device, progress=rank == 0)
-        elif args.importance == "ppl-iterative":
-            scores = score_blocks_ppl_iterative(source, use, budget.count, args.batch_size, device, progress=rank == 0)
         else:
             scores = score_blocks_best(source, use, budget.count, args.batch_size, device, progress=rank == 0)
     elif args.method in PER_BLOCK and args.importance == "bi-iterative":

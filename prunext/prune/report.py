@@ -120,8 +120,7 @@ def plot_importance(scores, pruning: Pruning, path: Path) -> Path:
     ax.bar(range(len(values)), values, color=colors)
     ax.set_xlabel(xlabel)
     ylabel = {"bi": "block influence (1 - cos)", "bi-iterative": "BI when removed (1 - cos)",
-              "ppl": "calibration loss without the block", "ppl-iterative": "calibration loss when removed",
-              "angular": "angular distance / pi", "streamline": "cosine in/out"}
+              "ppl": "calibration loss without the block", "angular": "angular distance / pi", "streamline": "cosine in/out"}
     ax.set_ylabel(ylabel.get(scores.metric, scores.metric))
     ax.set_title(f"{pruning.method}: importance ({scores.metric}, {scores.tokens:,} tokens); red = pruned")
     fig.tight_layout()

@@ -1,4 +1,4 @@
-"""prune --importance bi-iterative, ppl and ppl-iterative: each equals its definition computed on a model with the blocks deleted."""
+"""prune --importance bi-iterative and ppl: each equals its definition computed on a model with the blocks deleted."""
 
 import copy
 import json
@@ -17,7 +17,6 @@ from prunext.prune.importance import (
     score_blocks_best,
     score_blocks_iterative,
     score_blocks_ppl,
-    score_blocks_ppl_iterative,
 )
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
@@ -68,27 +67,6 @@ def test_ppl_scores_are_the_loss_without_each_block(tiny_hf):
     assert BlockScores("ppl", 1, [3.0, 1.0, 2.0], 10).ranking() == [1, 2, 0]
 
 
-def test_iterative_ppl_removes_the_block_whose_loss_is_lowest_given_the_earlier_removals(tiny_hf):
-    hf = tiny_hf("llama", layers=6, hidden=32)
-    windows = _windows()
-    got = score_blocks_ppl_iterative(hf, windows, 3, batch_size=2, progress=False)
-    removed: list[int] = []
-    for _ in range(3):
-        with torch.no_grad():
-            loss = {i: _without(hf, removed + [i])(input_ids=windows, labels=windows).loss.item()
-                    for i in range(6) if i not in removed}  # fmt: skip
-        pick = min(loss, key=loss.get)
-        assert got.scores[pick] == pytest.approx(loss[pick], rel=1e-5)
-        removed.append(pick)
-    assert got.metric == "ppl-iterative" and got.order == removed
-    assert got.least_important(3) == sorted(removed) and got.ranking()[:3] == removed
-    # one-shot ppl is its first step: passing those scores skips it and changes nothing
-    first = score_blocks_ppl(hf, windows, batch_size=2, progress=False)
-    assert first.scores[removed[0]] == min(first.scores)
-    assert score_blocks_ppl_iterative(hf, windows, 3, batch_size=2, progress=False, first=first).to_dict() == got.to_dict()
-    assert all(len(layer._forward_hooks) == 0 for layer in hf.model.layers)  # no block left skipped
-
-
 def test_best_keeps_the_criterion_whose_blocks_together_leave_the_lowest_loss(tiny_hf):
     hf = tiny_hf("llama", layers=6, hidden=32)
     windows = _windows()
@@ -105,7 +83,7 @@ def test_best_keeps_the_criterion_whose_blocks_together_leave_the_lowest_loss(ti
     assert json.loads(json.dumps(got.to_dict()))["candidates"] == got.candidates
 
 
-@pytest.mark.parametrize("criterion", ["ppl", "bi-iterative", "ppl-iterative", "best"])
+@pytest.mark.parametrize("criterion", ["ppl", "bi-iterative", "best"])
 def test_prune_cli_uses_the_criterion(tmp_path, criterion):
     from conftest import make_tiny_hf, make_tiny_tokenizer
 
