@@ -29,6 +29,7 @@ from prunext.core.checkpoint import build_from_hf, load_native, save_native
 from prunext.core.families import check_family, gguf_model_type
 from prunext.core.model import PrunextForCausalLM
 from prunext.core.plan import Plan
+from prunext.core.portable import code_differences, write_portable_code
 from prunext.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,15 @@ def builtin_folder(name: str) -> Path:
 
     Conversion is written under a temporary name and renamed, so concurrent
     first uses (several ranks) and interrupted runs never see a partial folder.
+    The folder is prunext's own: one written by another prunext version gets
+    this version's code files (the weights are the same).
     """
     folder = cache_dir() / "models" / f"{name}-v{BUILTIN_FORMAT}"
     if (folder / "config.json").is_file():
+        differ = code_differences(folder)
+        if differ:
+            write_portable_code(folder)
+            log.info("built-in model %s: %s rewritten as this prunext writes them", name, ", ".join(differ))
         return folder
     gguf = builtin_gguf_path(name)
     log.info("converting built-in model %s from %s (once; cached in %s)", name, gguf.name, folder)

@@ -166,3 +166,23 @@ def test_a_module_that_cannot_be_inlined_is_refused(tmp_path, monkeypatch, sourc
     sys.modules.pop("portable_case", None)
     with pytest.raises(PortableCodeError, match=re.escape(message)):
         inline("portable_case")
+
+
+def test_the_built_in_cache_written_by_another_version_gets_this_versions_code(native_folders, tmp_path, monkeypatch,
+                                                                                caplog):  # fmt: skip
+    from prunext.core.loading import BUILTIN_FORMAT, builtin_folder
+
+    monkeypatch.setenv("PRUNEXT_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "models" / f"smollm2-135m-v{BUILTIN_FORMAT}"
+    shutil.copytree(native_folders["pruned"], cached)  # stands in for a converted built-in model
+    weights = {p.name: p.read_bytes() for p in cached.glob("*.safetensors")}
+    with (cached / MODELING_FILE).open("a") as f:
+        f.write("\n# written by an earlier prunext\n")
+    assert code_differences(cached) == [MODELING_FILE]
+    with caplog.at_level(logging.INFO):
+        assert builtin_folder("smollm2-135m") == cached  # no conversion: the folder is there
+        load_native(cached)
+    assert code_differences(cached) == [] and not list(cached.glob(".*.tmp"))
+    assert {p.name: p.read_bytes() for p in cached.glob("*.safetensors")} == weights
+    assert any("rewritten as this prunext writes them" in r.getMessage() for r in caplog.records)
+    assert not any("differ from what this prunext writes" in r.getMessage() for r in caplog.records)
