@@ -39,6 +39,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from prunext.fsutil import write_text_atomic
+
 CONFIG_FILE = "configuration_prunext.py"
 MODELING_FILE = "modeling_prunext.py"
 
@@ -204,22 +206,15 @@ def portable_sources() -> dict[str, str]:
     }
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all (a reader, e.g. another rank, never sees it half-written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_portable_code(folder: str | os.PathLike) -> None:
     """Write the code files into a folder holding a native ``config.json`` and point its ``auto_map`` at them."""
     folder = Path(folder)
     for name, text in portable_sources().items():
-        _replace_text(folder / name, text)
+        write_text_atomic(folder / name, text)  # a reader (another rank) never sees half a file
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["auto_map"] = dict(AUTO_MAP)
-    _replace_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")  # as transformers writes it
+    write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")  # as transformers writes it
 
 
 def code_differences(folder: str | os.PathLike) -> list[str]:
