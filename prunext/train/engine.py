@@ -49,19 +49,13 @@ def load_for_training(settings, ds_config: dict, grad_checkpointing: bool):
 
 
 def group_lrs(settings: Mapping, groups) -> list[tuple[float, int]]:
-    """(peak lr, warm-up steps) of each optimizer group: ``--norm-lr``/``--adapter-lr`` where given, else ``--lr``.
-
-    The ``adapters_b`` group (``--lora-plus R``) trains at R times the adapters' lr, with their warm-up.
-    """
+    """(peak lr, warm-up steps) of each optimizer group: ``--norm-lr``/``--adapter-lr`` where given, else ``--lr``."""
     out = []
     for g in groups:
-        key = {"norms": "norm", "adapters": "adapter", "adapters_b": "adapter"}.get(g)
+        key = {"norms": "norm", "adapters": "adapter"}.get(g)
         lr = settings.get(f"{key}_lr") if key else None
         warmup = settings.get(f"{key}_warmup_steps") if key else None
-        lr = settings["lr"] if lr is None else lr
-        if g == "adapters_b":
-            lr *= settings.get("lora_plus") or 1.0
-        out.append((lr, settings["warmup_steps"] if warmup is None else warmup))
+        out.append((settings["lr"] if lr is None else lr, settings["warmup_steps"] if warmup is None else warmup))
     return out
 
 
@@ -98,7 +92,7 @@ def start_engine(model, settings, ds_config: dict, budget):
     from prunext.train.trainable import param_groups
 
     recorded = settings.as_dict()
-    groups = param_groups(model, split_b=settings.lora_plus is not None)
+    groups = param_groups(model)
     optimizer = make_optimizer(groups, recorded, ds_config)
     warmups = [w for _, w in group_lrs(recorded, groups)]
     engine, _, _, _ = deepspeed.initialize(

@@ -150,9 +150,8 @@ def run_steps(engine, order: BlockOrder, run, start_step: int, rank: int, world:
     try:
         while step < stop:
             t0 = time.perf_counter()
-            lrs = engine.get_lr()  # one per optimizer group: norms, adapters, adapters_b, base (those present)
-            # the run's lr: the last group's, the adapters' rather than their B matrices' under --lora-plus
-            lr = lrs[-2] if settings.lora_plus is not None and settings.trainable != "all" and len(lrs) > 1 else lrs[-1]
+            lrs = engine.get_lr()  # one per optimizer group: norms, adapters, base (those present)
+            lr = lrs[-1]
             parts: dict = {}
             loss = train_step(engine, order, step, rank, world, skips_allowed=settings.dtype == "float16",
                               objective=objective, parts=parts)

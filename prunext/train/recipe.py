@@ -88,8 +88,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--norm-lr", type=float, default=None, metavar="LR",
                      help="peak lr of the output-norm scales (default --lr); a larger one lets a small initial scale open quickly")
     opt.add_argument("--adapter-lr", type=float, default=None, metavar="LR", help="peak lr of the LoRA adapters (default --lr)")
-    opt.add_argument("--lora-plus", type=float, default=None, metavar="R",
-                     help="LoRA+ (Hayou et al. 2024): the adapters' B matrices train at R times their lr (default off; the paper suggests 16)")
     opt.add_argument("--norm-warmup", type=float, default=None, metavar="W", help="warmup of the output-norm group, as --warmup (default --warmup)")
     opt.add_argument("--adapter-warmup", type=float, default=None, metavar="W", help="warmup of the adapter group, as --warmup (default --warmup)")
     opt.add_argument("--norm-open", type=float, default=None, metavar="W",

@@ -25,10 +25,10 @@ RESUME_KEYS = (
     "model", "data", "seq_len", "micro_batch", "grad_accum", "world_size", "seed", "tokens",
     "trainable", "lr", "schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
     "norm_lr", "adapter_lr", "norm_warmup_steps", "adapter_warmup_steps", "loss", "teacher", "kd_weight", "kd_temperature",
-    "norm_open_steps", "norm_open_factor", "hidden_weight", "lora_plus",
+    "norm_open_steps", "norm_open_factor", "hidden_weight",
 )
 #: RESUME_KEYS added after runs were made without them: a missing one means the option was off.
-NEW_KEYS = ("norm_open_steps", "norm_open_factor", "hidden_weight", "lora_plus")
+NEW_KEYS = ("norm_open_steps", "norm_open_factor", "hidden_weight")
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,6 @@ class TrainSettings:
     adapter_warmup_steps: int | None
     norm_open_steps: int | None
     norm_open_factor: float | None
-    lora_plus: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,8 +180,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"--{flag.replace('_', '-')} {value} must be a positive number")
-    if args.lora_plus is not None and not (math.isfinite(args.lora_plus) and args.lora_plus > 0):
-        raise UserError(f"--lora-plus {args.lora_plus} must be a positive number (the LoRA+ paper suggests 16)")
     for flag in ("norm_warmup", "adapter_warmup"):
         value = getattr(args, flag)
         if value is not None and not (math.isfinite(value) and value >= 0):
@@ -295,7 +292,6 @@ def check_args(args: argparse.Namespace, world: int) -> CheckedRun:
         adapter_warmup_steps=steps_or_none(args.adapter_warmup),
         norm_open_steps=norm_open_steps,
         norm_open_factor=None if norm_open_steps is None else _norm_open_factor(args),
-        lora_plus=args.lora_plus,
     )
     options = RunOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunOptions)})  # flags of the same names
     if resume_state is not None:

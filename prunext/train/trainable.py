@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # kept out of module import so `prunext --help` stays fast
 
 TRAINABLE = ("replacement", "adapters", "all")
 #: Optimizer parameter groups, each with its own learning rate and warm-up (``--norm-lr``, ``--adapter-lr``).
-GROUPS = ("norms", "adapters", "adapters_b", "base")
+GROUPS = ("norms", "adapters", "base")
 
 
 def wants(name: str, mode: str) -> bool:
@@ -39,27 +39,21 @@ def wants(name: str, mode: str) -> bool:
     raise ValueError(f"unknown --trainable {mode!r}")
 
 
-def group_of(name: str, split_b: bool = False) -> str:
-    """The optimizer group of parameter ``name``: ``norms`` (output norms), ``adapters`` (LoRA) or ``base``.
-
-    ``split_b``: the LoRA B matrices form their own group, ``adapters_b`` (``--lora-plus``).
-    """
+def group_of(name: str) -> str:
+    """The optimizer group of parameter ``name``: ``norms`` (output norms), ``adapters`` (LoRA) or ``base``."""
     from prunext.core.model import is_owned
 
     if not is_owned(name):
         return "base"
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "lora_B" and split_b:
-        return "adapters_b"
-    return "adapters" if leaf in ("lora_A", "lora_B") else "norms"
+    return "adapters" if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B") else "norms"
 
 
-def param_groups(model: nn.Module, split_b: bool = False) -> dict[str, list]:
+def param_groups(model: nn.Module) -> dict[str, list]:
     """The trainable parameters split into :data:`GROUPS` (empty groups left out), each shared tensor once."""
     groups: dict[str, list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault(group_of(name, split_b), []).append(param)
+            groups.setdefault(group_of(name), []).append(param)
     return {g: groups[g] for g in GROUPS if g in groups}
 
 
