@@ -222,6 +222,17 @@ def commit() -> str:
     return head + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def verb_defaults(verb: str) -> dict:
+    """The defaults of ``prunext VERB``'s flags: part of every stage key, so a changed default redoes the stage."""
+    import importlib
+
+    from prunext.cli import VERBS
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(VERBS[verb]).add_arguments(parser)
+    return {a.dest: a.default for a in parser._actions if a.dest != "help" and a.default is not argparse.SUPPRESS}
+
+
 def stage(folder: Path, key: dict, fn, needs: Path | None = None) -> dict:
     """Run ``fn() -> dict`` unless ``folder/stage.json`` holds a result for the same ``key``.
 
@@ -267,6 +278,7 @@ def main() -> int:
     eval_windows = windows(tokens, args.seq_len)
     eval_key = {"model": args.model, "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "limit": args.limit,
                 "tasks": TASKS, "device": args.device}  # fmt: skip
+    prune_defaults, train_defaults = verb_defaults("prune"), verb_defaults("train")
 
     def evaluate(model, zero_shot: bool) -> dict:
         ppl = perplexity(model, eval_windows, dataset=EVAL_DATA, batch_size=batch, progress=False).to_dict()
@@ -320,7 +332,7 @@ def main() -> int:
                         "reconstruction": {k: v for k, v in rebuilt.items() if k != "positions"} if rebuilt else None}  # fmt: skip
 
             say(f"{ratio:.0%} {name}: pruning")
-            pr = stage(run_dir / "prune", {"cmd": prune_cmd}, do_prune, needs=pruned / "config.json")
+            pr = stage(run_dir / "prune", {"cmd": prune_cmd, "defaults": prune_defaults}, do_prune, needs=pruned / "config.json")
             say(f"{ratio:.0%} {name}: evaluating before healing")
             before = stage(run_dir / "eval-before", {**eval_key, "prune": pr["command"]},
                            lambda pruned=pruned, heal=trainable: evaluate_folder(pruned, zero_shot=heal is None))  # fmt: skip
@@ -344,7 +356,7 @@ def main() -> int:
                                if args.norm_open_factor is not None and args.norm_open is not None and has_norms else []),
                              "--loss", args.loss or ("auto" if name in DEFAULT_RECIPE else "lm"), *args.train_extra,
                              "--out", str(heal / "run"), "--overwrite"]  # fmt: skip
-                key = {"train": train_cmd, "nproc": args.nproc, "prune": pr["command"], "device": args.device}
+                key = {"train": train_cmd, "defaults": train_defaults, "nproc": args.nproc, "prune": pr["command"], "device": args.device}
 
                 def do_heal(train_cmd=train_cmd, heal=heal) -> dict:
                     result = train(train_cmd, heal, args.nproc)
