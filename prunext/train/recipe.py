@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "else lm), lm (next-token), kd (logit distillation from --teacher), lm+kd (lm + --kd-weight x kd)")
     opt.add_argument("--teacher", default=None, metavar="MODEL",
                      help="teacher for kd (default: the model --model was pruned or extended from, per its report)")
-    opt.add_argument("--kd-weight", type=float, default=1.0, help="weight of the kd term in lm+kd (default 1)")
+    opt.add_argument("--kd-weight", type=float, default=2.0, help="weight of the kd term in lm+kd (default 2, the measured best)")
     opt.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature (default 1)")
     opt.add_argument("--hidden-weight", type=float, default=0.0, metavar="W",
                      help="with kd or lm+kd: add W x the mean relative squared error between each position's output and "

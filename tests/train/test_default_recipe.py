@@ -4,7 +4,7 @@ Old defaults: prune ``--kept-lora 0 --out-norm-init 0.01`` (pure replacement, sm
 blocks chosen by Block Influence, train ``--loss lm``. Today's defaults: prune's hybrid (half the
 adapter rank on the kept blocks), blocks chosen by ``--importance best`` (the second round: whichever of
 bi, bi-iterative and one-shot ppl leaves the lowest calibration loss) and train's ``--loss auto``
-(lm + distillation from the model named in the prune report). Same seed, data, token budget and
+(lm + distillation from the model named in the prune report, weighted 2: the measured best). Same seed, data, token budget and
 learning rate; the source is a tiny model first trained on real text so that pruning it loses
 something a healing run can win back. Scored by perplexity on held-out text, and by the LM loss
 along the run against round 1's defaults (Block Influence).
@@ -111,3 +111,26 @@ def test_default_choice_of_blocks_heals_faster_than_block_influence(tmp_path):
         assert sum(new_lm) == pytest.approx(sum(old_lm), rel=1e-4)
     else:
         assert sum(new_lm) < sum(old_lm) and new_lm[-1] < old_lm[-1]
+
+
+def test_default_kd_weight_heals_faster_than_an_equal_mix(tmp_path):
+    """Today's --kd-weight (2) against the third round's (1), same pruned model, data, seed and budget."""
+    text = tiny.write_text(tmp_path / "text.txt", chars=16000)
+    source = _trained_source(tmp_path / "source", text)
+    new = _heal(source, text, tmp_path / "new", [], [], ratio="0.4")
+    pruned = tmp_path / "new" / "pruned"
+    old = tmp_path / "old"
+    args = tiny.train_args(pruned, text, old, "--tokens", "1536", "--save-every", "0", "--kd-weight", "1")
+    proc = tiny.run([sys.executable, "-m", "prunext", "train", *map(str, args)])
+    assert proc.returncode == 0, tiny.tail(proc)
+    settings = {name: json.loads((run / "run_config.json").read_text())["settings"] for name, run in (("new", new), ("old", old))}
+    assert settings["new"]["kd_weight"] == 2.0 and settings["old"]["kd_weight"] == 1.0
+
+    _, tokenizer = load_model(str(source))
+    held_out = windows(token_stream(load_text_dataset("builtin:wiki:test")["text"], tokenizer, max_tokens=4096), 32)
+    ppl = {}
+    for name, run in (("new", new), ("old", old)):
+        model, _ = load_model(str(run / "final"))
+        ppl[name] = perplexity(model, held_out, dataset="builtin:wiki:test", progress=False).ppl
+    print("held-out perplexity:", ppl)
+    assert ppl["new"] < ppl["old"], ppl
