@@ -51,8 +51,10 @@ def test_kd_run_on_zero3(tmp_path):
     assert proc.returncode == 0, tiny.tail(proc)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4  # 256 tokens / (32 x 2 per step)
+    weight = json.loads((out / "run_config.json").read_text())["settings"]["kd_weight"]
+    assert weight == 2.0  # train's default
     for row in rows:
-        assert row["loss"] == pytest.approx(row["lm_loss"] + row["kd_loss"], rel=1e-4)
+        assert row["loss"] == pytest.approx(row["lm_loss"] + weight * row["kd_loss"], rel=1e-4)
         assert 0 < row["kd_loss"] < float("inf")
     # (whether kd falls over 4 steps depends on the batches: the lm term dominates here; the hand-KL
     # test above checks the value, this one that the teacher engine runs under ZeRO-3)
