@@ -56,10 +56,14 @@ def _heal(source: Path, text: Path, root: Path, prune_extra: list[str], train_ex
     code = main(["prune", "--model", str(source), "--ratio", ratio, "--calib", str(text), "--calib-tokens", "1024",
                  "--seq-len", "32", "--out", str(pruned), *prune_extra])  # fmt: skip
     assert code == 0
-    args = tiny.train_args(pruned, text, root / "run", "--tokens", "1536", "--save-every", "0", *train_extra)
+    return _train(pruned, text, root / "run", train_extra)
+
+
+def _train(pruned: Path, text: Path, out: Path, train_extra: list[str]) -> Path:
+    args = tiny.train_args(pruned, text, out, "--tokens", "1536", "--save-every", "0", *train_extra)
     proc = tiny.run([sys.executable, "-m", "prunext", "train", *map(str, args)])
     assert proc.returncode == 0, tiny.tail(proc)
-    return root / "run"
+    return out
 
 
 def test_default_recipe_heals_faster_than_the_old_defaults(tmp_path):
@@ -117,17 +121,13 @@ def test_default_choice_of_blocks_heals_faster_than_block_influence(tmp_path):
 
 def test_default_kd_weight_follows_the_teacher_closer_than_an_equal_mix(tmp_path):
     """Today's --kd-weight (2) against the earlier 1, same pruned model, data, seed and budget: the
-    distillation loss along the run is lower. (Held-out perplexity is printed, not asserted: on this
-    tiny model the two are within 0.5% and their order changes with the thread count; on the built-in
-    model weight 2 healed further, BENCHMARKS.md.)"""
+    distillation loss along the run is lower. (Held-out perplexity is not compared: on this tiny model
+    the two are within 0.5% and their order changes with the thread count; on the built-in model
+    weight 2 healed further, BENCHMARKS.md.)"""
     text = tiny.write_text(tmp_path / "text.txt", chars=16000)
     source = _trained_source(tmp_path / "source", text)
     new = _heal(source, text, tmp_path / "new", [], [], ratio="0.4")
-    pruned = tmp_path / "new" / "pruned"
-    old = tmp_path / "old"
-    args = tiny.train_args(pruned, text, old, "--tokens", "1536", "--save-every", "0", "--kd-weight", "1")
-    proc = tiny.run([sys.executable, "-m", "prunext", "train", *map(str, args)])
-    assert proc.returncode == 0, tiny.tail(proc)
+    old = _train(tmp_path / "new" / "pruned", text, tmp_path / "old", ["--kd-weight", "1"])
     settings = {name: json.loads((run / "run_config.json").read_text())["settings"] for name, run in (("new", new), ("old", old))}
     assert settings["new"]["kd_weight"] == 2.0 and settings["old"]["kd_weight"] == 1.0
 
@@ -135,8 +135,3 @@ def test_default_kd_weight_follows_the_teacher_closer_than_an_equal_mix(tmp_path
           for name, run in (("new", new), ("old", old))}  # fmt: skip
     print("kd loss per step:", {k: [round(x, 3) for x in v] for k, v in kd.items()}, "sums:", {k: round(sum(v), 4) for k, v in kd.items()})
     assert len(kd["new"]) == len(kd["old"]) and sum(kd["new"]) < sum(kd["old"]), kd
-    _, tokenizer = load_model(str(source))
-    held_out = windows(token_stream(load_text_dataset("builtin:wiki:test")["text"], tokenizer, max_tokens=4096), 32)
-    ppl = {name: perplexity(load_model(str(run / "final"))[0], held_out, dataset="builtin:wiki:test", progress=False).ppl
-           for name, run in (("new", new), ("old", old))}  # fmt: skip
-    print("held-out perplexity:", ppl)
