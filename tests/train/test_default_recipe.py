@@ -89,8 +89,8 @@ def test_default_recipe_heals_faster_than_the_old_defaults(tmp_path):
     assert ppl["new"] < ppl["old"], ppl
 
 
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["lm_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+def _losses(run: Path, key: str = "lm_loss") -> list[float]:
+    return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_default_choice_of_blocks_heals_faster_than_block_influence(tmp_path):
@@ -131,7 +131,6 @@ def test_default_kd_weight_follows_the_teacher_closer_than_an_equal_mix(tmp_path
     settings = {name: json.loads((run / "run_config.json").read_text())["settings"] for name, run in (("new", new), ("old", old))}
     assert settings["new"]["kd_weight"] == 2.0 and settings["old"]["kd_weight"] == 1.0
 
-    kd = {name: [json.loads(line)["kd_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-          for name, run in (("new", new), ("old", old))}  # fmt: skip
+    kd = {name: _losses(run, "kd_loss") for name, run in (("new", new), ("old", old))}
     print("kd loss per step:", {k: [round(x, 3) for x in v] for k, v in kd.items()}, "sums:", {k: round(sum(v), 4) for k, v in kd.items()})
     assert len(kd["new"]) == len(kd["old"]) and sum(kd["new"]) < sum(kd["old"]), kd
