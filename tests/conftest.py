@@ -85,10 +85,14 @@ def make_tiny_tokenizer(vocab: int = 128):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab,
         special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[: vocab - 40],
+        # the byte-level characters of space and ASCII, in byte order: ByteLevel.alphabet() comes from a
+        # hash set whose order changes with every process, and its first ids with it (a different
+        # tokenizer, so different token ids and a different trained model, on every run)
+        initial_alphabet=[byte_level.pre_tokenize_str(chr(b))[0][0] for b in range(32, 32 + vocab - 40)],
     )
     tok.train_from_iterator(text, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")

@@ -79,6 +79,7 @@ def load_partitioned(folder: Path, ds_config: dict, dtype: torch.dtype):
     from prunext.core.families import family_of
     from prunext.core.loading import _load_tokenizer
     from prunext.core.model import PrunextForCausalLM
+    from prunext.train.dsconfig import config_dtype
 
     config = read_config(folder)
     files = read_safetensors_keys(folder)
@@ -88,8 +89,16 @@ def load_partitioned(folder: Path, ds_config: dict, dtype: torch.dtype):
     # added after (the kernels hub's per-instance forward wrappers), which breaks every later instance.
     family = family_of(config.base_model_type)
     family.layer_cls(), family.model_cls()
-    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    # zero.Init is given the dtype through the config only: it reads an explicit ``dtype`` as
+    # ``(dtype or half) if fp16_supported else bf16``, so on a CPU without fp16 kernels (AMD EPYC) an
+    # fp32 run got bf16 weights, and the frozen base came back from training rounded to 8 bits.
+    if config_dtype(ds_config) != str(dtype).removeprefix("torch."):
+        raise ValueError(f"dtype {dtype} differs from the DeepSpeed config's {config_dtype(ds_config)}")
+    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = PrunextForCausalLM(config)
+    wrong = {p.ds_tensor.dtype for p in model.parameters()} - {dtype}
+    if wrong:
+        raise RuntimeError(f"deepspeed.zero.Init built {wrong} parameters for a {dtype} run; report this DeepSpeed version")
     model.tie_weights()  # lm_head to the embedding where the config ties them, as from_pretrained does
     params = dict(model.named_parameters(remove_duplicate=False))  # every name of a shared tensor
     check_shapes(folder, files, params)  # on every rank, from the headers: no rank fails alone inside a gather

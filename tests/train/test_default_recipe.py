@@ -6,7 +6,7 @@ adapter rank on the kept blocks), blocks chosen by ``--importance best`` (the se
 bi, bi-iterative and one-shot ppl leaves the lowest calibration loss) and train's ``--loss auto``
 (lm + distillation from the model named in the prune report, weighted 2: the measured best). Same seed, data, token budget and
 learning rate; the source is a tiny model first trained on real text so that pruning it loses
-something a healing run can win back. Scored by perplexity on held-out text, and by the LM loss
+something a healing run can win back. Scored by perplexity on held-out text, and by the losses
 along the run against round 1's defaults (Block Influence).
 """
 
@@ -14,7 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from prunext.cli import main
@@ -31,12 +30,15 @@ OLD_TRAIN = ["--loss", "lm"]
 ROUND1_PRUNE = ["--importance", "bi"]
 
 
-def _trained_source(folder: Path, text: Path) -> Path:
+def _trained_source(folder: Path, text: Path, seed: int = 0) -> Path:
     """A 6-block Llama (hidden 64) trained for 300 Adam steps on ``text``: it has learnt something to lose."""
     from conftest import make_tiny_hf, make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer()
-    model = make_tiny_hf("llama", layers=6, hidden=64, seed=0).train()
+    # trained in float64, stored in float32: 300 Adam steps would amplify the last-bit differences
+    # between CPUs' fp32 GEMM kernels into another model on another machine, and other blocks to prune;
+    # in float64 they stay below fp32's rounding
+    model = make_tiny_hf("llama", layers=6, hidden=64, seed=seed).double().train()
     ids = windows(token_stream([text.read_text()], tokenizer), 32)
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -46,7 +48,7 @@ def _trained_source(folder: Path, text: Path) -> Path:
         loss.backward()
         opt.step()
         opt.zero_grad()
-    model.eval().save_pretrained(folder)
+    model.float().eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -94,9 +96,14 @@ def _losses(run: Path, key: str = "lm_loss") -> list[float]:
 
 
 def test_default_choice_of_blocks_heals_faster_than_block_influence(tmp_path):
-    """Today's default (--importance best) against round 1's (bi), both healed with today's train defaults."""
+    """Today's default (--importance best) against round 1's (bi), both healed with today's train defaults.
+
+    The source is seeded so that the criteria disagree (with seeds 0, 1, 3 and 4 bi's set is the best, and
+    the default prunes the same blocks as bi; with 2 and 5 one-shot ppl's set wins, and both healed better
+    from it: distillation loss 21-23% and LM loss 0.5-0.7% lower along the run).
+    """
     text = tiny.write_text(tmp_path / "text.txt", chars=16000)
-    source = _trained_source(tmp_path / "source", text)
+    source = _trained_source(tmp_path / "source", text, seed=2)
     new = _heal(source, text, tmp_path / "new", [], [], ratio="0.4")
     old = _heal(source, text, tmp_path / "old", ROUND1_PRUNE, [], ratio="0.4")
     reports = {name: json.loads((run.parent / "pruned" / "prune_report.json").read_text()) for name, run in
@@ -105,18 +112,13 @@ def test_default_choice_of_blocks_heals_faster_than_block_influence(tmp_path):
     candidates = reports["new"]["scores"]["candidates"]
     print("calibration loss of each criterion's blocks:", candidates, "pruned:",
           reports["new"]["decision"]["pruned"], "vs bi", reports["old"]["decision"]["pruned"])  # fmt: skip
-    assert candidates[reports["new"]["scores"]["metric"]] <= candidates["bi"]  # never a set worse than bi's
-    new_lm, old_lm = _losses(new), _losses(old)
-    print("lm loss per step, new:", [round(x, 3) for x in new_lm], "old:", [round(x, 3) for x in old_lm])
-    assert len(new_lm) == len(old_lm)
-    if reports["new"]["decision"]["pruned"] == reports["old"]["decision"]["pruned"]:
-        # the tiny source's training differs with the machine's thread count; where bi's set is the best
-        # the two runs are the same model and the same run
-        assert sum(new_lm) == pytest.approx(sum(old_lm), rel=1e-4)
-    else:
-        # the LM loss summed along the run: lower from best's blocks (a single step's loss is one batch, and
-        # with kd weighted 2 the LM term's last step alone went either way)
-        assert sum(new_lm) < sum(old_lm)
+    assert reports["new"]["decision"]["pruned"] != reports["old"]["decision"]["pruned"]
+    assert candidates[reports["new"]["scores"]["metric"]] < candidates["bi"]
+    losses = {key: (_losses(new, key), _losses(old, key)) for key in ("kd_loss", "lm_loss", "loss")}
+    print("sums along the run (new, old):", {key: (round(sum(a), 4), round(sum(b), 4)) for key, (a, b) in losses.items()})
+    for key, (new_run, old_run) in losses.items():
+        # summed along the run: a single step's loss is one batch, and went either way
+        assert len(new_run) == len(old_run) and sum(new_run) < sum(old_run), key
 
 
 def test_default_kd_weight_follows_the_teacher_closer_than_an_equal_mix(tmp_path):

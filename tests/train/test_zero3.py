@@ -15,6 +15,8 @@ is a subprocess with a timeout:
   norms change; wandb logs offline;
 - ``python launch/train.py`` (one process) with an absurd lr: it stops at
   the step whose gradients are not finite, keeping the last checkpoint.
+- a partitioned load where DeepSpeed sees no fp16 kernels (AMD CPUs) is
+  still fp32, bit for bit.
 """
 
 from __future__ import annotations
@@ -295,3 +297,20 @@ def test_one_process_stops_at_the_step_that_diverges(inputs):
     assert (out / "checkpoints" / "latest").read_text() == "step1"
     assert not (out / "final").exists()
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+
+
+def test_partitioned_load_keeps_fp32_where_the_cpu_has_no_fp16(inputs, tmp_path):
+    """zero.Init reads an explicit dtype wrongly without fp16 kernels: an fp32 load must still be fp32, bit for bit.
+
+    On such CPUs (AMD EPYC) DeepSpeed made every parameter bf16, and a replacement-only run stored
+    its frozen base rounded to 8 bits.
+    """
+    model_dir, _, _ = inputs
+    got = tmp_path / "got.json"
+    cmd = [str(tiny.BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(tiny.free_port()), str(Path(__file__).parent / "_load_partitioned.py"), str(model_dir), str(got)]
+    proc = tiny.run(cmd, timeout=180)
+    assert proc.returncode == 0, tiny.tail(proc)
+    params = json.loads(got.read_text())
+    assert params and {dtype for dtype, _ in params.values()} == {"torch.float32"}
+    assert all(equal for _, equal in params.values()), [name for name, (_, equal) in params.items() if not equal]
