@@ -60,7 +60,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -205,13 +204,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def machine(device: str) -> str:
-    import torch
+def machine() -> str:
+    """The CPU's model name, cores, GPU, torch and threads (a CPU's kernels decide fp32 and bf16 speed)."""
+    from inference import machine as described
 
-    text = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    if device == "cuda":
-        text += f", GPU {torch.cuda.get_device_name(0)}"
-    return text
+    return described()
 
 
 def commit() -> str:
@@ -369,7 +366,7 @@ def main() -> int:
                 entry["healed"][str(budget)] = stage(heal, {**eval_key, **key}, do_heal)
             results.setdefault(f"{ratio:g}", {})[name] = entry
 
-    info = {"machine": machine(args.device), "commit": commit(), "date": datetime.date.today().isoformat(),
+    info = {"machine": machine(), "commit": commit(), "date": datetime.date.today().isoformat(),
             "settings": {k: v for k, v in vars(args).items() if k not in ("ratio_list", "budget_list", "method_list", "prune_extra", "train_extra")},
             "ratios": args.ratio_list, "budgets": args.budget_list, "methods": args.method_list,
             "wall_s": round(time.perf_counter() - started, 1), "stages_s": round(stage_seconds(results), 1)}  # fmt: skip
