@@ -67,6 +67,8 @@ import sys
 import time
 from pathlib import Path
 
+from inference import machine  # the CPU's model name, cores, GPU, torch, threads (bench/ is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 EVAL_DATA = "builtin:wiki:test"
 TRAIN_DATA = "builtin:wiki:train"
@@ -202,13 +204,6 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if not torch.cuda.is_available():
             raise SystemExit("quality.py: error: --device cuda but no GPU is visible; use --device cpu")
     return args
-
-
-def machine() -> str:
-    """The CPU's model name, cores, GPU, torch and threads (a CPU's kernels decide fp32 and bf16 speed)."""
-    from inference import machine as described
-
-    return described()
 
 
 def commit() -> str:

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from safetensors import safe_open
 
+import tiny  # tests/train is on the launcher's PYTHONPATH (tiny.env)
+
 from prunext.train.dsconfig import load_config
 from prunext.train.partitioned import load_partitioned
 
@@ -28,7 +30,7 @@ def main() -> None:
     deepspeed.init_distributed("gloo")
     try:
         get_accelerator().is_fp16_supported = lambda: False
-        config = load_config(Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_cpu.json")
+        config = load_config(tiny.CPU_CONFIG)
         config["train_micro_batch_size_per_gpu"] = 1
         model, _ = load_partitioned(folder, config, torch.float32)
         with safe_open(str(folder / "model.safetensors"), framework="pt") as f:

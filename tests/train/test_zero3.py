@@ -154,9 +154,7 @@ def test_zero3_equals_single_process_pytorch(inputs, checkpointing):
             "--grad-accum", "2", "--deepspeed", tiny.CPU_CONFIG, "--tokens", "384", "--trainable", "all",
             "--lr", lr, "--weight-decay", wd, "--max-grad-norm", clip, "--warmup", "1", "--schedule", "cosine",
             "--overwrite"] + (["--grad-checkpointing"] if checkpointing else [])
-    cmd = [str(tiny.BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(tiny.free_port()), "-m", "prunext", "train", *map(str, args)]
-    proc = tiny.run(cmd, timeout=300)
+    proc = tiny.run(tiny.torchrun(2, *args, program=("-m", "prunext", "train")), timeout=300)
     assert proc.returncode == 0, tiny.tail(proc)
 
     # The same three global batches of 4 blocks, on one process, with torch's AdamW and clipping.
@@ -307,9 +305,8 @@ def test_partitioned_load_keeps_fp32_where_the_cpu_has_no_fp16(inputs, tmp_path)
     """
     model_dir, _, _ = inputs
     got = tmp_path / "got.json"
-    cmd = [str(tiny.BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(tiny.free_port()), str(Path(__file__).parent / "_load_partitioned.py"), str(model_dir), str(got)]
-    proc = tiny.run(cmd, timeout=180)
+    script = str(Path(__file__).parent / "_load_partitioned.py")
+    proc = tiny.run(tiny.torchrun(2, model_dir, got, program=(script,)), timeout=180)
     assert proc.returncode == 0, tiny.tail(proc)
     params = json.loads(got.read_text())
     assert params and {dtype for dtype, _ in params.values()} == {"torch.float32"}

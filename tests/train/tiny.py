@@ -88,9 +88,10 @@ def env() -> dict:
     return e
 
 
-def torchrun(nproc: int, *args: str) -> list[str]:
+def torchrun(nproc: int, *args: str, program: tuple[str, ...] = (str(LAUNCH),)) -> list[str]:
+    """torchrun on the local host running ``program`` (launch/train.py; or ``("-m", "prunext", "train")``, a script)."""
     return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), str(LAUNCH), *map(str, args)]
+            "--master_port", str(free_port()), *program, *map(str, args)]
 
 
 def run(cmd: list[str], timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
