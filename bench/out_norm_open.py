@@ -24,6 +24,8 @@ import torch
 from prunext.core.loading import load_model
 from prunext.data.sources import load_text_dataset
 from prunext.data.tokens import token_stream, windows
+from prunext.prune.report import REPORT_FILE
+from prunext.train.lineage import lineage
 
 
 def branch_rms(model, positions: list[int], batch: torch.LongTensor) -> dict[tuple[int, str], float]:
@@ -54,20 +56,17 @@ def main() -> None:
     p.add_argument("--data", default="builtin:wiki:test")
     p.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (windows of --seq-len)")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("folders", nargs="+", help="pruned or healed flexigpt folders of one pruning (its prune_report.json is found beside them)")
+    p.add_argument("folders", nargs="+", help="pruned or healed flexigpt folders of one pruning (its prune_report.json is found through their lineage)")
     args = p.parse_args()
-    torch.manual_seed(0)
+    # the pruning's report: in a pruned folder, or in the one a healed folder's training started from
+    candidates = [Path(c) for f in args.folders for c in [f] + [src for how, src in lineage(f) if how == "train"]]
+    found = next((c / REPORT_FILE for c in candidates if (c / REPORT_FILE).is_file()), None)
+    if found is None:
+        raise SystemExit("no prune_report.json in the folders or the folders they were trained from; give the pruned folder too")
+    report = json.loads(found.read_text())
     source, tokenizer = load_model(args.source)
     texts = (row["text"] for row in load_text_dataset(args.data))
     batch = windows(token_stream(texts, tokenizer, max_tokens=args.tokens, progress=False), args.seq_len)
-    report = None
-    for folder in map(Path, args.folders):
-        for candidate in [folder] + [up / "pruned" for up in folder.parents]:  # a healed run sits beside its pruned folder
-            if (candidate / "prune_report.json").is_file():
-                report = json.loads((candidate / "prune_report.json").read_text())
-                break
-    if report is None:
-        raise SystemExit("no prune_report.json next to the folders; give the pruned folder too")
     pruned = report["decision"]["pruned"]
     dense = branch_rms(source, pruned, batch)
     del source
